@@ -1,0 +1,558 @@
+"""Shared pieces of the MIM scripts: ViT encoder, masking, data, distributed / checkpoint plumbing.
+
+Every method file (mae_mff.py, pixmim_mff.py, pilamim.py, probe.py, finetune.py) imports from here;
+nothing in this file knows about a particular method. Section order: encoder -> masking -> data ->
+distributed -> optimisation -> checkpoints -> logging -> command line.
+"""
+import json
+import math
+import os
+import re
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from PIL import Image
+from timm.models.vision_transformer import Block, PatchEmbed
+from torch.nn.parallel import DistributedDataParallel
+from torchvision import datasets, transforms
+from tqdm import tqdm
+
+
+class InputError(ValueError):
+    """Bad user input. The scripts print it as one line (problem and fix), without a traceback."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; raised before anything is saved, so the last checkpoint stays good."""
+
+
+# ----------------------------------------------------------------------------------------------
+# ViT encoder (SPEC §1). Parameter names match the official MAE checkpoints and timm's
+# VisionTransformer, so weights move between the three without renaming.
+
+VIT_SIZES = {
+    'tiny': dict(embed_dim=192, depth=12, num_heads=3),
+    'small': dict(embed_dim=384, depth=12, num_heads=6),
+    'base': dict(embed_dim=768, depth=12, num_heads=12),
+    'large': dict(embed_dim=1024, depth=24, num_heads=16),
+    'huge': dict(embed_dim=1280, depth=32, num_heads=16),
+}
+ENCODER_KEYS = ('patch_embed.', 'cls_token', 'pos_embed', 'blocks.', 'norm.')
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def sincos_pos_embed_2d(dim, grid_size, cls_token=True):
+    """Fixed 2-D sin-cos table, (1 [+1 cls row of zeros] + grid_size**2, dim), float32.
+
+    First half of the channels encodes the column (x), second half the row (y); per axis
+    omega_k = 1 / 10000^(k / (dim/4)) and the output is [sin, cos]. Computed in float64 like the
+    official numpy helper, so the values are identical.
+    """
+    if dim % 4:
+        raise InputError(f'embedding width {dim} is not divisible by 4: the 2-D sin-cos position '
+                         'embedding needs a multiple of 4')
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing='ij')           # (g, g) each, row-major
+
+    def embed_1d(pos):                                                   # (g*g,) -> (g*g, dim/2)
+        angles = pos.flatten()[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([embed_1d(cols), embed_1d(rows)], dim=1)          # (g*g, dim)
+    if cls_token:
+        table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), table])
+    return table.float()
+
+
+def patchify(imgs, p):
+    """(N, C, h*p, w*p) -> (N, h*w, p*p*C), channels last inside a patch (the official layout)."""
+    n, c, H, W = imgs.shape
+    if H % p or W % p:
+        raise InputError(f'image size {H}x{W} is not divisible by patch size {p}: '
+                         'pick --input_size as a multiple of --patch_size')
+    h, w = H // p, W // p
+    x = imgs.reshape(n, c, h, p, w, p)
+    return torch.einsum('nchpwq->nhwpqc', x).reshape(n, h * w, p * p * c)
+
+
+def unpatchify(x, p, h=None, w=None, channels=3):
+    """(N, h*w, p*p*C) -> (N, C, h*p, w*p); exact inverse of patchify (square grid by default)."""
+    n, L, _ = x.shape
+    if h is None:
+        h = w = int(round(L ** 0.5))
+    x = x.reshape(n, h, w, p, p, channels)
+    return torch.einsum('nhwpqc->nchpwq', x).reshape(n, channels, h * p, w * p)
+
+
+def random_masking(n, L, mask_ratio, device, noise=None):
+    """Per-sample random masking by sorting uniform noise (SPEC §1; same masks as official MAE).
+
+    Returns ids_keep (N, K) with K = int(L * (1 - mask_ratio)), mask (N, L) with 1 = removed,
+    0 = kept, in the original patch order, and ids_restore (N, L) that undoes the shuffle.
+    """
+    len_keep = int(L * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(n, L, device=device)                          # one draw per call
+    ids_shuffle = torch.argsort(noise, dim=1)                            # ascend: small is keep
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    mask = torch.ones(n, L, device=device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return ids_keep, mask, ids_restore
+
+
+def init_weights(module):
+    """MAE init: xavier-uniform Linear (zero bias), unit LayerNorm; pass to Module.apply."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class ViTEncoder(nn.Module):
+    """Pre-norm ViT with a [cls] token and a fixed sin-cos position embedding (timm key names)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24,
+                 num_heads=16, mlp_ratio=4., drop_path_rate=0.):
+        super().__init__()
+        if img_size % patch_size:
+            raise InputError(f'image size {img_size} is not divisible by patch size {patch_size}: '
+                             'pick --input_size as a multiple of --patch_size')
+        self.patch_size, self.depth = patch_size, depth
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Fixed, not learned; kept a (frozen) Parameter so official checkpoints load unchanged.
+        grid = img_size // patch_size
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim, grid)[None], requires_grad=False)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()          # stochastic depth (fine-tune)
+        # timm's Block runs attention through F.scaled_dot_product_attention (flash / mem-efficient).
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_layer=LayerNorm)
+            for i in range(depth)])
+        self.norm = LayerNorm(embed_dim)
+        self.apply(init_weights)
+        w = self.patch_embed.proj.weight.data                            # xavier on the (out, in*k*k) view
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=.02)
+
+    def embed(self, imgs, ids_keep=None):
+        """imgs (N, C, H, W) -> tokens (N, 1 + K, D): patches (+pos), kept ones only, cls in front."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]               # (N, L, D)
+        if ids_keep is not None:
+            x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # (N, K, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1)
+
+    def forward_blocks(self, x, block_ids):
+        """Run the trunk; return the raw residual stream after each block in block_ids (ascending)."""
+        outs = []
+        for i, blk in enumerate(self.blocks[:block_ids[-1] + 1]):
+            x = blk(x)
+            if i in block_ids:
+                outs.append(x)
+        return outs
+
+    def forward_features(self, imgs, ids_keep=None):
+        """Unmasked (or given-mask) features after the final norm: (N, 1 + K, D), cls at index 0."""
+        return self.norm(self.forward_blocks(self.embed(imgs, ids_keep), [self.depth - 1])[-1])
+
+
+def encoder_state_dict(state_dict, prefix=''):
+    """The encoder part of a checkpoint (the keys timm's VisionTransformer has), prefix removed."""
+    return {k[len(prefix):]: v for k, v in state_dict.items()
+            if k.startswith(prefix) and k[len(prefix):].startswith(ENCODER_KEYS)}
+
+
+def load_matching_state(module, state_dict, source, strict=True):
+    """load_state_dict with a one-line error instead of a wall of mismatched keys."""
+    own = module.state_dict()
+    for k, v in state_dict.items():
+        if k in own and own[k].shape != v.shape:
+            raise InputError(f'{source} was made for another architecture ({k}: {tuple(v.shape)} there, '
+                             f'{tuple(own[k].shape)} here): pass the --model/--patch_size/--input_size '
+                             'it was trained with')
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if strict and (missing or unexpected):
+        raise InputError(f'{source} does not match this model (missing {missing[:3]}, unexpected '
+                         f'{unexpected[:3]}): pass the --model and MFF flags it was trained with')
+    module.load_state_dict(state_dict, strict=False)
+    return missing, unexpected
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: ImageNet-style folders, or the built-in procedurally generated shapes.
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """Built-in data needing no files: 1-4 objects of one shape on a textured background.
+
+    Image i is the same for a given (seed, i), at any size. Two label kinds of the same images:
+    'shape' (circle / square / triangle / ring: semantics) and 'count' (1-4 objects: low-level
+    detail, in the spirit of CLEVR/Count that PiLaMIM probes). Chance is 25% for both.
+    """
+    SHAPES = ('circle', 'square', 'triangle', 'ring')
+
+    def __init__(self, num_images=4096, img_size=32, label='shape', seed=0, transform=None):
+        if label not in ('shape', 'count'):
+            raise InputError(f"unknown built-in label kind '{label}': use 'shape' or 'count'")
+        self.num_images, self.img_size, self.label, self.seed = num_images, img_size, label, seed
+        self.transform = transform
+        self.classes = list(self.SHAPES) if label == 'shape' else ['1', '2', '3', '4']
+
+    def __len__(self):
+        return self.num_images
+
+    def draw(self, i):
+        """-> (uint8 image (S, S, 3), shape id, object count)."""
+        rng = np.random.default_rng([self.seed, i])
+        S = self.img_size
+        shape, count = int(rng.integers(4)), int(rng.integers(1, 5))
+        y, x = np.mgrid[0:S, 0:S].astype(np.float32) / S                  # coordinates in [0, 1)
+        c0, c1 = rng.uniform(0, 0.45, 3), rng.uniform(0, 0.45, 3)        # dark gradient background
+        t = np.clip(x * rng.uniform(-1, 1) + y * rng.uniform(-1, 1) + 0.5, 0, 1)[..., None]
+        img = c0 * (1 - t) + c1 * t + rng.normal(0, 0.03, (S, S, 3))
+        cells = rng.choice(9, size=count, replace=False)                 # 3x3 grid: no overlaps
+        for cell in cells:
+            r = rng.uniform(0.09, 0.14)
+            cy = (cell // 3 + 0.5 + rng.uniform(-0.1, 0.1)) / 3
+            cx = (cell % 3 + 0.5 + rng.uniform(-0.1, 0.1)) / 3
+            dy, dx = y - cy, x - cx
+            if shape == 0:
+                inside = dx ** 2 + dy ** 2 <= r ** 2
+            elif shape == 1:
+                inside = np.maximum(abs(dx), abs(dy)) <= 0.8 * r
+            elif shape == 2:
+                inside = (dy <= 0.8 * r) & (abs(dx) <= 0.6 * (dy + r))
+            else:
+                inside = (dx ** 2 + dy ** 2 <= r ** 2) & (dx ** 2 + dy ** 2 >= (0.55 * r) ** 2)
+            img[inside] = rng.uniform(0.55, 1.0, 3)                       # bright object colour
+        return (np.clip(img, 0, 1) * 255).astype(np.uint8), shape, count
+
+    def __getitem__(self, i):
+        pixels, shape, count = self.draw(i)
+        img = Image.fromarray(pixels)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, (shape if self.label == 'shape' else count - 1)
+
+
+def load_rgb(path):
+    """PIL loader that converts every mode (L, P, CMYK, RGBA) to RGB and names corrupt files."""
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f'cannot read image {path} ({type(e).__name__}): delete or replace the file') from None
+
+
+def train_transform(input_size, crop='rrc'):
+    """'rrc': MAE's RandomResizedCrop(0.2, 1); 'simple': PixMIM's resize + padded random crop."""
+    if crop == 'rrc':
+        geometry = [transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0),
+                                                 interpolation=transforms.InterpolationMode.BICUBIC)]
+    elif crop == 'simple':
+        geometry = [transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+                    transforms.RandomCrop(input_size, padding=4, padding_mode='reflect')]
+    else:
+        raise InputError(f"unknown --crop '{crop}': use 'rrc' or 'simple'")
+    return transforms.Compose(geometry + [transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                                          transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def eval_transform(input_size):
+    """Resize to size/0.875 (256 for 224) and center-crop: the standard evaluation view."""
+    return transforms.Compose([
+        transforms.Resize(int(round(input_size / 0.875)), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size), transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def build_dataset(args, split, transform):
+    """`args.data_path`/<split>/<class>/<image> if --data_path is given, else the built-in shapes."""
+    if not args.data_path:
+        return SyntheticShapes(args.builtin_size if split == 'train' else max(args.builtin_size // 4, 256),
+                               args.input_size, label=args.builtin_label,
+                               seed=args.seed * 2 + (split != 'train'), transform=transform)
+    root = os.path.join(args.data_path, split)
+    if not os.path.isdir(root):
+        raise InputError(f'no {split}/ folder in --data_path {args.data_path}: expected '
+                         f'{root}/<class>/<image> (ImageNet layout), or omit --data_path for the built-in data')
+    try:
+        return datasets.ImageFolder(root, transform=transform, loader=load_rgb)
+    except FileNotFoundError as e:
+        raise InputError(f'{root} holds no images ({e}): put images in {root}/<class>/') from None
+
+
+def make_loader(dataset, batch_size, rank, world_size, num_workers, train=True, seed=0):
+    """DataLoader over this rank's shard. The shuffle order depends only on (seed, epoch)."""
+    if batch_size < 1:
+        raise InputError(f'batch size {batch_size} < 1: give --batch_size of at least 1 (per GPU)')
+    if train and len(dataset) < batch_size * world_size:
+        raise InputError(f'dataset has {len(dataset)} images, fewer than one global batch '
+                         f'({batch_size} x {world_size} processes): lower --batch_size or add data')
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                                  shuffle=train, seed=seed, drop_last=train)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(), drop_last=train,
+        persistent_workers=False)  # workers re-seeded each epoch from the epoch RNG: exact resume
+    return loader, sampler
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed: one code path for `python script.py` and `torchrun --nproc_per_node=N script.py`.
+
+def init_distributed():
+    """-> (rank, world_size, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK."""
+    rank = int(os.environ.get('RANK', 0))
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    if torch.cuda.is_available():
+        device = torch.device('cuda', local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True                     # fp32 leftovers use tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device('cpu')
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return rank, world_size, device
+
+
+def wrap_ddp(model, device, world_size):
+    return DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None) \
+        if world_size > 1 else model
+
+
+def no_sync_unless(model, sync):
+    """Skip DDP's gradient all-reduce on non-final accumulation micro-steps (wrap forward+backward)."""
+    return model.no_sync() if isinstance(model, DistributedDataParallel) and not sync else nullcontext()
+
+
+def seed_epoch(seed, epoch, rank):
+    """Re-seed every RNG at an epoch start from (seed, epoch, rank) alone.
+
+    Masks, augmentations and loader worker seeds then depend only on where training is, so a run
+    resumed from an epoch checkpoint continues exactly as the uninterrupted run would have.
+    """
+    state = np.random.SeedSequence([seed, epoch, rank]).generate_state(2)
+    torch.manual_seed(int(state[0]))
+    np.random.seed(int(state[1]))
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (no grad scaler needed, unlike fp16); plain fp32 on CPU."""
+    return torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation: lr scaling, warmup + cosine, AdamW parameter groups.
+
+def scale_lr(args, world_size):
+    """MAE rule: lr = blr * effective batch / 256, unless --lr is given. Sets args.lr, returns it."""
+    eff_batch = args.batch_size * args.accum_iter * world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    return eff_batch
+
+
+def lr_at(epoch, args):
+    """Linear warmup, then half-cycle cosine to min_lr; `epoch` is fractional (per-iteration)."""
+    if epoch < args.warmup_epochs:
+        return args.lr * epoch / args.warmup_epochs
+    progress = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1. + math.cos(math.pi * min(progress, 1.)))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group.get('lr_scale', 1.0)
+
+
+NO_DECAY_NAMES = ('cls_token', 'pos_embed', 'mask_token', 'decoder_pos_embed')
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no decay for 1-D params (biases, norms, fusion logits) and tokens/pos embeds."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(NO_DECAY_NAMES)
+        (no_decay if skip else decay).append(p)
+    return [{'params': no_decay, 'weight_decay': 0.}, {'params': decay, 'weight_decay': weight_decay}]
+
+
+def adamw(model, args, device, betas=(0.9, 0.95)):
+    # fused=True: one CUDA kernel for the whole update instead of a loop over parameters.
+    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=betas,
+                             fused=device.type == 'cuda')
+
+
+class LossTracker:
+    """Sums the loss on the device and remembers the first non-finite step, without host syncs.
+
+    Reading it (`mean()` / `check()`) synchronises, so the loop does that only at log points.
+    """
+
+    def __init__(self, device, names=('loss',)):
+        self.names = names
+        self.sums = torch.zeros(len(names), device=device, dtype=torch.float64)
+        self.count = 0
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
+
+    def add(self, step, *values):
+        v = torch.stack([x.detach().double() for x in values])
+        bad = ~torch.isfinite(v).all()
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step),
+                                     self.first_bad)
+        self.sums += v
+        self.count += 1
+
+    def check(self, last_checkpoint):
+        bad = int(self.first_bad)
+        if bad >= 0:
+            raise NonFiniteLossError(
+                f'non-finite loss at step {bad}; nothing was saved after it ({last_checkpoint or "no checkpoint yet"} '
+                'is intact): lower --blr or raise --warmup_epochs, then --resume auto')
+
+    def mean(self, world_size):
+        sums = self.sums.clone()
+        if world_size > 1:
+            dist.all_reduce(sums)
+        return {n: float(s) / max(self.count * world_size, 1) for n, s in zip(self.names, sums)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: {'model', 'optimizer', 'epoch' (completed), 'step', 'args', ...}, written atomically.
+
+def save_checkpoint(state, path):
+    """Write to a temporary file, fsync, then rename: a kill mid-write leaves the old file intact."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise InputError(f'checkpoint {path} does not exist: check the path, or use --resume auto '
+                         'to continue from the latest checkpoint in --output_dir')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated or not a checkpoint at all
+        raise InputError(f'cannot read checkpoint {path} ({type(e).__name__}): it is corrupt or not a '
+                         'PyTorch checkpoint; point --resume at another file') from None
+
+
+def resume_path(args):
+    """--resume auto -> <output_dir>/checkpoint-last.pth if present (else None = fresh start)."""
+    if args.resume == 'auto':
+        path = os.path.join(args.output_dir, 'checkpoint-last.pth')
+        return path if os.path.isfile(path) else None
+    return args.resume or None
+
+
+def resume(args, model, optimizer):
+    """Restore model and optimizer; returns (start_epoch, step, checkpoint or None)."""
+    path = resume_path(args)
+    if path is None:
+        return 0, 0, None
+    ckpt = load_checkpoint(path)
+    if 'model' not in ckpt or 'optimizer' not in ckpt:
+        raise InputError(f'{path} is not a training checkpoint of these scripts (no model/optimizer '
+                         'entries): use it with probe.py/finetune.py, or start without --resume')
+    load_matching_state(model, ckpt['model'], path)
+    optimizer.load_state_dict(ckpt['optimizer'])
+    return ckpt['epoch'], ckpt['step'], ckpt
+
+
+def save_training_state(args, model, optimizer, epoch, step, **extra):
+    """checkpoint-last.pth every epoch; checkpoint-<epoch>.pth every --save_freq and at the end."""
+    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+             'step': step, 'args': vars(args), **extra}
+    last = os.path.join(args.output_dir, 'checkpoint-last.pth')
+    save_checkpoint(state, last)
+    if epoch % args.save_freq == 0 or epoch == args.epochs:
+        save_checkpoint(state, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
+    return last
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging and command line.
+
+def progress(iterable, rank, **kw):
+    """tqdm bar on rank 0 when stderr is a terminal; silent in batch jobs (one line per epoch instead)."""
+    return tqdm(iterable, disable=rank != 0 or not sys.stderr.isatty(), leave=False, **kw)
+
+
+def log_epoch(args, rank, stats):
+    """Rank 0: print one line and append a JSON line to <output_dir>/log.jsonl."""
+    if rank != 0:
+        return
+    shown = ' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in stats.items())
+    print(shown, flush=True)
+    with open(os.path.join(args.output_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(stats) + '\n')
+
+
+def add_common_args(parser):
+    """Flags every pre-training script shares, with the official MAE names."""
+    a = parser.add_argument
+    a('--batch_size', type=int, default=64, help='per-GPU batch; effective = batch_size x accum_iter x GPUs')
+    a('--accum_iter', type=int, default=1, help='gradient accumulation steps (raise it when memory is short)')
+    a('--epochs', type=int, default=300)
+    a('--warmup_epochs', type=int, default=40)
+    a('--blr', type=float, default=1.5e-4, help='base lr: lr = blr x effective batch / 256')
+    a('--lr', type=float, default=None, help='absolute lr; overrides --blr')
+    a('--min_lr', type=float, default=0., help='lr floor of the cosine schedule')
+    a('--weight_decay', type=float, default=0.05)
+    a('--data_path', default='', help='ImageNet-style root with train/<class>/*; empty = built-in shapes')
+    a('--builtin_size', type=int, default=4096, help='number of built-in training images')
+    a('--builtin_label', default='shape', choices=['shape', 'count'],
+      help='built-in label kind (pre-training ignores labels)')
+    a('--output_dir', default='./output', help='checkpoints and log.jsonl go here')
+    a('--resume', default='', help="checkpoint path, or 'auto' = <output_dir>/checkpoint-last.pth if any")
+    a('--save_freq', type=int, default=20, help='also keep checkpoint-<epoch>.pth every this many epochs')
+    a('--num_workers', type=int, default=10, help='loader processes per GPU; JPEG decoding needs many')
+    a('--seed', type=int, default=0)
+    a('--compile', action='store_true', help='torch.compile the model (faster steps after a slow first one)')
+    a('--print_freq', type=int, default=50, help='steps between loss syncs (NaN check, progress bar)')
+
+
+def run(main, parser, presets=None):
+    """Parse flags (a --preset supplies defaults that explicit flags override) and run main.
+
+    InputError / NonFiniteLossError end the program with one line naming the problem and the fix.
+    """
+    args, _ = parser.parse_known_args()
+    if presets and getattr(args, 'preset', None):
+        parser.set_defaults(**presets[args.preset])
+    args = parser.parse_args()
+    try:
+        main(args)
+    except (InputError, NonFiniteLossError) as e:
+        # A loader worker wraps the message in its traceback; the last line is ours.
+        msg = re.sub(r'^[\w.]*Error: ', '', str(e).strip().splitlines()[-1])
+        print(f'{parser.prog}: error: {msg}', file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

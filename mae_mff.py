@@ -1,0 +1,272 @@
+"""MAE with multi-level feature fusion (MFF; Liu et al., ICCV 2023) -- model, loss, data, DDP loop.
+
+MAE reconstructs pixels from the last encoder block alone, so that block spends capacity on
+low-level detail. MFF also feeds projected outputs of shallow blocks to the decoder (Eq. 2-4):
+
+    O = sum_i w_i * P_i(x_i) + w_last * x_last,   w = softmax(fusion logits)   (Eq. 4)
+
+and the encoder's final LayerNorm is applied to O. With mff_layers=() this file is plain MAE and
+loads the official MAE checkpoints with strict=True.
+
+    python mae_mff.py --preset laptop                          # built-in data, CPU, ~3 minutes
+    torchrun --nproc_per_node=8 mae_mff.py --epochs 300 --data_path /imagenet
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn as nn
+
+from common import (VIT_SIZES, Block, InputError, LayerNorm, LossTracker, ViTEncoder, adamw, add_common_args,
+                    autocast, build_dataset, init_distributed, init_weights, log_epoch, lr_at, make_loader,
+                    no_sync_unless, patchify, progress, random_masking, resume, run, save_training_state,
+                    scale_lr, seed_epoch, set_lr, sincos_pos_embed_2d, train_transform, unpatchify, wrap_ddp)
+
+
+def paper_mff_layers(depth):
+    """The paper's 6 levels: [0, 2, 4, 6, 8, 11] at depth 12, spread evenly from 0 to the last block otherwise."""
+    return sorted({(i * (depth - 1)) // 5 for i in range(5)} | {depth - 1})
+
+
+class MultiLevelFusion(nn.Module):
+    """Project the shallow levels (Eq. 3) and fuse all levels (Eq. 4, or Eq. 5 with fusion='attn')."""
+
+    def __init__(self, dim, num_levels, num_heads, proj='linear', fusion='weighted', detach_shallow=False):
+        super().__init__()
+        if proj not in ('linear', 'mlp', 'none') or fusion not in ('weighted', 'attn'):
+            raise InputError(f"MFF projection '{proj}' / fusion '{fusion}' unknown: use "
+                             "linear|mlp|none and weighted|attn")
+        make = {'linear': lambda: nn.Linear(dim, dim),
+                'mlp': lambda: nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim)),
+                'none': nn.Identity}[proj]
+        self.proj = nn.ModuleList([make() for _ in range(num_levels - 1)])  # last level used as is
+        self.detach_shallow = detach_shallow                             # paper A.8 ablation
+        if fusion == 'weighted':
+            self.fusion_logits = nn.Parameter(torch.ones(num_levels))   # equal weights at start
+        else:
+            self.fusion_attn = Block(dim, num_heads, qkv_bias=True, norm_layer=LayerNorm)
+
+    def weights(self):
+        """Softmaxed fusion weights (shallow ... last), or None for attention fusion."""
+        return self.fusion_logits.softmax(0) if hasattr(self, 'fusion_logits') else None
+
+    def forward(self, levels):                                           # list of (N, T, D), deepest last
+        feats = [p(x.detach() if self.detach_shallow else x) for p, x in zip(self.proj, levels[:-1])]
+        feats.append(levels[-1])
+        w = self.weights()
+        if w is not None:                                                # Eq. 4
+            return sum(wi * f for wi, f in zip(w.to(feats[0].dtype), feats))
+        n, t, d = levels[-1].shape                                       # Eq. 5: attend across levels
+        stacked = torch.stack(feats, dim=2).reshape(n * t, len(feats), d)
+        return self.fusion_attn(stacked)[:, -1].reshape(n, t, d)
+
+
+class MaskedAutoencoder(ViTEncoder):
+    """MAE (official constructor keywords and state-dict names) with optional MFF before the decoder."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.,
+                 norm_pix_loss=False, mff_layers=(), mff_proj='linear', mff_fusion='weighted',
+                 mff_detach=False):
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio)
+        self.in_chans, self.norm_pix_loss = in_chans, norm_pix_loss
+        self.mff_layers = sorted(set(mff_layers))
+        if self.mff_layers and (self.mff_layers[0] < 0 or self.mff_layers[-1] != depth - 1):
+            raise InputError(f'mff_layers {list(mff_layers)} must lie in 0..{depth - 1} and end at the last '
+                             f'block {depth - 1}, e.g. {paper_mff_layers(depth)}')
+        self.mff = (MultiLevelFusion(embed_dim, len(self.mff_layers), num_heads, mff_proj, mff_fusion, mff_detach)
+                    if self.mff_layers else None)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        grid = img_size // patch_size
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed_2d(decoder_embed_dim, grid)[None],
+                                              requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = LayerNorm(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
+        for m in [self.mff, self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
+            if m is not None:
+                m.apply(init_weights)
+        nn.init.normal_(self.mask_token, std=.02)
+
+    def patchify(self, imgs):
+        return patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x):
+        return unpatchify(x, self.patch_size, channels=self.in_chans)
+
+    def fusion_weights(self):
+        w = self.mff.weights() if self.mff is not None else None
+        return None if w is None else [round(v, 4) for v in w.tolist()]
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None):
+        """-> latent (N, 1 + K, D) after the final norm, mask (N, L), ids_restore (N, L)."""
+        ids_keep, mask, ids_restore = random_masking(imgs.shape[0], self.num_patches, mask_ratio,
+                                                     imgs.device, noise)
+        x = self.embed(imgs, ids_keep)                                   # (N, 1 + K, D)
+        if self.mff is None:
+            x = self.forward_blocks(x, [self.depth - 1])[-1]
+        else:
+            x = self.mff(self.forward_blocks(x, self.mff_layers))        # fuse raw levels, then norm
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, x, ids_restore):
+        """latent (N, 1 + K, D) -> per-patch pixel predictions (N, L, p*p*C)."""
+        x = self.decoder_embed(x)                                        # (N, 1 + K, Dd)
+        n, L = ids_restore.shape
+        mask_tokens = self.mask_token.expand(n, L + 1 - x.shape[1], -1)
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)                   # (N, L, Dd), shuffled order
+        x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[2]))  # original order
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]           # drop cls
+
+    def forward_loss(self, imgs, pred, mask):
+        """MSE on masked patches only; with norm_pix_loss each target patch is standardised."""
+        target = self.patchify(imgs)                                     # (N, L, p*p*C)
+        if self.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.e-6) ** .5
+        loss = ((pred.float() - target) ** 2).mean(dim=-1)               # (N, L) per-patch loss
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs, mask_ratio=0.75, target_imgs=None, noise=None):
+        """-> (loss, pred, mask). target_imgs replaces imgs as the reconstruction target (PixMIM)."""
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss = self.forward_loss(imgs if target_imgs is None else target_imgs, pred, mask)
+        return loss, pred, mask
+
+
+MODELS = {f'mae_vit_{size}_patch{p}': (size, p) for size in VIT_SIZES for p in (14, 16)}
+
+
+def build_model(args):
+    """MaskedAutoencoder from the command line (factory name + overrides)."""
+    if args.model not in MODELS:
+        raise InputError(f"unknown --model '{args.model}': choose one of {', '.join(MODELS)}")
+    size, patch = MODELS[args.model]
+    depth = VIT_SIZES[size]['depth']
+    if args.mff_layers == 'paper':
+        layers = paper_mff_layers(depth)
+    elif args.mff_layers == 'none':
+        layers = []
+    else:
+        try:
+            layers = [int(v) for v in args.mff_layers.split(',')]
+        except ValueError:
+            raise InputError(f"--mff_layers '{args.mff_layers}' is not 'paper', 'none' or a comma "
+                             'list of block indices like 0,2,4,6,8,11') from None
+    return MaskedAutoencoder(
+        img_size=args.input_size, patch_size=args.patch_size or patch, **VIT_SIZES[size],
+        decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
+        decoder_num_heads=args.decoder_num_heads, norm_pix_loss=args.norm_pix_loss,
+        mff_layers=layers, mff_proj=args.mff_proj, mff_fusion=args.mff_fusion, mff_detach=args.mff_detach)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+
+def train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank, world_size, last_ckpt):
+    """One pass over this rank's shard; returns (global optimizer step, mean loss, images/s)."""
+    model.train()
+    tracker = LossTracker(device)
+    micro_steps = len(loader) // args.accum_iter * args.accum_iter      # drop a ragged accumulation tail
+    bar = progress(loader, rank, total=micro_steps, desc=f'epoch {epoch}')
+    start = time.time()
+    for i, (imgs, _) in enumerate(bar):
+        if i == micro_steps:
+            break
+        if i % args.accum_iter == 0:                                     # per-iteration lr schedule
+            set_lr(optimizer, lr_at(epoch + i / micro_steps, args))
+        imgs = imgs.to(device, non_blocking=True)
+        last_micro = (i + 1) % args.accum_iter == 0
+        with no_sync_unless(model, last_micro):
+            with autocast(device):
+                loss = model(imgs, args.mask_ratio)[0]
+            (loss / args.accum_iter).backward()
+        if last_micro:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+        tracker.add(step, loss)
+        if (i + 1) % args.print_freq == 0:                               # the only host syncs
+            tracker.check(last_ckpt)
+            bar.set_postfix(loss=f"{tracker.mean(1)['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    tracker.check(last_ckpt)
+    images = micro_steps * args.batch_size * world_size
+    return step, tracker.mean(world_size)['loss'], images / (time.time() - start)
+
+
+def main(args):
+    """Data, model, optimiser, resume, then epochs with a checkpoint and a log line after each."""
+    rank, world_size, device = init_distributed()
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+    torch.manual_seed(args.seed)                                         # same init on every rank
+    raw_model = build_model(args).to(device)
+    dataset = build_dataset(args, 'train', train_transform(args.input_size, args.crop))
+    loader, sampler = make_loader(dataset, args.batch_size, rank, world_size, args.num_workers, seed=args.seed)
+    eff_batch = scale_lr(args, world_size)
+    optimizer = adamw(raw_model, args, device)
+    start_epoch, step, _ = resume(args, raw_model, optimizer)
+    model = torch.compile(raw_model) if args.compile else raw_model
+    model = wrap_ddp(model, device, world_size)
+    if rank == 0:
+        print(f'{args.model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M params, '
+              f'{len(dataset)} images, effective batch {eff_batch}, lr {args.lr:.3g}, '
+              f'mff_layers {raw_model.mff_layers or "off"}, from epoch {start_epoch}', flush=True)
+    last_ckpt = None
+    for epoch in range(start_epoch, args.epochs):
+        seed_epoch(args.seed, epoch, rank)
+        sampler.set_epoch(epoch)
+        step, loss, speed = train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank,
+                                            world_size, last_ckpt)
+        if rank == 0:                                                    # rank 0 alone writes
+            last_ckpt = save_training_state(args, raw_model, optimizer, epoch + 1, step)
+        log_epoch(args, rank, {'epoch': epoch + 1, 'step': step, 'loss': loss,
+                               'lr': optimizer.param_groups[0]['lr'], 'images_per_s': round(speed, 1),
+                               'fusion_weights': raw_model.fusion_weights()})
+    return raw_model
+
+
+def get_args_parser(description=__doc__.split('\n')[0]):
+    p = argparse.ArgumentParser(description=description)
+    a = p.add_argument
+    a('--preset', choices=sorted(PRESETS), help='laptop: tiny ViT, 32 px, built-in data, ~3 min on 2 CPU cores')
+    a('--model', default='mae_vit_base_patch16', help=f"one of {', '.join(MODELS)}")
+    a('--input_size', type=int, default=224)
+    a('--patch_size', type=int, default=None, help="overrides the model name's patch size")
+    a('--mask_ratio', type=float, default=0.75, help='fraction of patches removed')
+    a('--norm_pix_loss', action=argparse.BooleanOptionalAction, default=True,
+      help='standardise each target patch (on in the MFF/PixMIM recipes; --no-norm_pix_loss = raw pixels)')
+    a('--decoder_embed_dim', type=int, default=512)
+    a('--decoder_depth', type=int, default=8)
+    a('--decoder_num_heads', type=int, default=16)
+    a('--mff_layers', default='paper',
+      help="blocks to fuse: 'paper' ([0,2,4,6,8,11] at depth 12), 'none' (plain MAE) or e.g. '0,11'")
+    a('--mff_proj', default='linear', choices=['linear', 'mlp', 'none'], help='projection of shallow levels')
+    a('--mff_fusion', default='weighted', choices=['weighted', 'attn'], help='Eq. 4 (weighted) or Eq. 5 (attn)')
+    a('--mff_detach', action='store_true', help='no gradient into shallow blocks through the fusion (A.8)')
+    a('--crop', default='rrc', choices=['rrc', 'simple'],
+      help="rrc: RandomResizedCrop(0.2, 1) as MAE; simple: PixMIM's resize + padded random crop")
+    add_common_args(p)
+    # Paper recipe: 128 per GPU x 4 accumulation x 8 GPUs = 4096 images per step.
+    p.set_defaults(batch_size=128, accum_iter=4)
+    return p
+
+
+PRESETS = {
+    'laptop': dict(model='mae_vit_tiny_patch16', input_size=32, patch_size=4, decoder_embed_dim=128,
+                   decoder_depth=2, decoder_num_heads=4, batch_size=128, accum_iter=1, epochs=5,
+                   warmup_epochs=1, blr=1.5e-3, builtin_size=4096, num_workers=1, save_freq=4,
+                   output_dir='./output/mae_mff_laptop', print_freq=8),
+}
+
+if __name__ == '__main__':
+    run(main, get_args_parser(), PRESETS)
