@@ -146,22 +146,25 @@ class MaskedAutoencoder(ViTEncoder):
 MODELS = {f'mae_vit_{size}_patch{p}': (size, p) for size in VIT_SIZES for p in (14, 16)}
 
 
+def parse_mff_layers(spec, depth):
+    """--mff_layers value -> sorted block indices ([] = MFF off)."""
+    if spec == 'paper':
+        return paper_mff_layers(depth)
+    if spec == 'none':
+        return []
+    try:
+        return [int(v) for v in spec.split(',')]
+    except ValueError:
+        raise InputError(f"--mff_layers '{spec}' is not 'paper', 'none' or a comma "
+                         'list of block indices like 0,2,4,6,8,11') from None
+
+
 def build_model(args):
     """MaskedAutoencoder from the command line (factory name + overrides)."""
     if args.model not in MODELS:
         raise InputError(f"unknown --model '{args.model}': choose one of {', '.join(MODELS)}")
     size, patch = MODELS[args.model]
-    depth = VIT_SIZES[size]['depth']
-    if args.mff_layers == 'paper':
-        layers = paper_mff_layers(depth)
-    elif args.mff_layers == 'none':
-        layers = []
-    else:
-        try:
-            layers = [int(v) for v in args.mff_layers.split(',')]
-        except ValueError:
-            raise InputError(f"--mff_layers '{args.mff_layers}' is not 'paper', 'none' or a comma "
-                             'list of block indices like 0,2,4,6,8,11') from None
+    layers = parse_mff_layers(args.mff_layers, VIT_SIZES[size]['depth'])
     return MaskedAutoencoder(
         img_size=args.input_size, patch_size=args.patch_size or patch, **VIT_SIZES[size],
         decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,

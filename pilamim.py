@@ -1,0 +1,246 @@
+"""PiLaMIM: pixel + latent masked image modeling with a [cls] target (Lee et al., 2025; SPEC §4).
+
+A context encoder sees the visible 25% of patches (+ cls); two decoders read its output: a pixel
+decoder (MAE's target) and a latent decoder that predicts the features an EMA target encoder
+computes from the whole image, [cls] included (I-JEPA-like target):
+
+    L = L_pixel + L_latent + L_cls                                          (Eq. 4-5)
+    theta_t <- m theta_t + (1 - m) theta_c,  m: 0.996 -> 1 linearly per step  (EMA)
+
+Unlike the public code, the targets stay in the original patch order (its target pass shuffles
+them), and the target encoder starts as a copy of the context encoder (as the paper says).
+The context encoder keeps the top-level timm names (probe.py loads it); the target encoder is
+under `target_encoder.`, the decoders under `pixel_decoder.` and `latent_decoder.`.
+
+    python pilamim.py --preset laptop                             # built-in data, CPU, a few minutes
+    torchrun --nproc_per_node=8 pilamim.py --epochs 800 --data_path /imagenet
+"""
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (VIT_SIZES, Block, InputError, LayerNorm, LossTracker, ViTEncoder, adamw, autocast,
+                    build_dataset, encoder_state_dict, init_distributed, init_weights, log_epoch, lr_at,
+                    make_loader, no_sync_unless, patchify, progress, random_masking, resume, run,
+                    save_training_state, scale_lr, seed_epoch, set_lr, sincos_pos_embed_2d, train_transform,
+                    wrap_ddp)
+from mae_mff import MODELS, MultiLevelFusion, parse_mff_layers
+from mae_mff import get_args_parser as mae_args_parser
+
+
+class Decoder(nn.Module):
+    """MAE-style decoder with its own input projection, mask token, position embedding and head."""
+
+    def __init__(self, in_dim, out_dim, grid, dim=384, depth=6, num_heads=12, mlp_ratio=4.):
+        super().__init__()
+        self.decoder_embed = nn.Linear(in_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed_2d(dim, grid)[None], requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)
+                                             for _ in range(depth)])
+        self.decoder_norm = LayerNorm(dim)
+        self.decoder_pred = nn.Linear(dim, out_dim)
+        self.apply(init_weights)
+        nn.init.normal_(self.mask_token, std=.02)
+
+    def forward(self, x, ids_restore):
+        """x (N, 1 + K, D) -> (N, 1 + L, out_dim): cls first, patches in the ORIGINAL order."""
+        x = self.decoder_embed(x)
+        n, L = ids_restore.shape
+        x_ = torch.cat([x[:, 1:], self.mask_token.expand(n, L + 1 - x.shape[1], -1)], dim=1)  # shuffled
+        x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[2]))           # original
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))
+
+
+def masked_mse(pred, target, mask):
+    """Per-patch MSE (N, L) averaged over masked patches (mask 1 = removed)."""
+    return ((pred.float() - target.float()) ** 2).mean(-1).mul(mask).sum() / mask.sum()
+
+
+class PiLaMIM(ViTEncoder):
+    """Context encoder (this module's own ViT), EMA target encoder, pixel and latent decoders."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                 decoder_embed_dim=384, decoder_depth=6, decoder_num_heads=12, mlp_ratio=4.,
+                 norm_pix_loss=False, cls_loss=True, latent_target='raw', mff_layers=(), mff_proj='linear',
+                 mff_fusion='weighted', mff_detach=False):
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio)
+        if latent_target not in ('raw', 'layernorm'):
+            raise InputError(f"--latent_target '{latent_target}' unknown: use raw or layernorm")
+        self.norm_pix_loss, self.cls_loss, self.latent_target = norm_pix_loss, cls_loss, latent_target
+        # Target encoder: same shape, initialised as a copy, never trained by gradients.
+        self.target_encoder = ViTEncoder(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio)
+        self.target_encoder.load_state_dict(encoder_state_dict(self.state_dict()))
+        self.target_encoder.requires_grad_(False)
+        self.mff_layers = sorted(set(mff_layers))                        # MFF for the pixel path only
+        if self.mff_layers and (self.mff_layers[0] < 0 or self.mff_layers[-1] != depth - 1):
+            raise InputError(f'mff_layers {list(mff_layers)} must lie in 0..{depth - 1} and end at {depth - 1}')
+        self.mff = (MultiLevelFusion(embed_dim, len(self.mff_layers), num_heads, mff_proj, mff_fusion, mff_detach)
+                    if self.mff_layers else None)
+        if self.mff is not None:
+            self.mff.apply(init_weights)
+        grid = img_size // patch_size
+        dec = dict(grid=grid, dim=decoder_embed_dim, depth=decoder_depth, num_heads=decoder_num_heads)
+        self.pixel_decoder = Decoder(embed_dim, patch_size ** 2 * in_chans, **dec)
+        self.latent_decoder = Decoder(embed_dim, embed_dim, **dec)
+
+    def fusion_weights(self):
+        w = self.mff.weights() if self.mff is not None else None
+        return None if w is None else [round(v, 4) for v in w.tolist()]
+
+    @torch.no_grad()
+    def target_features(self, imgs):
+        """Target encoder on ALL patches, no masking, no shuffle: (N, 1 + L, D), original order."""
+        t = self.target_encoder.forward_features(imgs).float()          # after its final norm
+        return F.layer_norm(t, t.shape[-1:]) if self.latent_target == 'layernorm' else t  # I-JEPA style
+
+    @torch.no_grad()
+    def update_target(self, momentum):
+        """EMA: theta_t <- m theta_t + (1 - m) theta_c over all encoder parameters."""
+        names = [n for n, _ in self.target_encoder.named_parameters()]
+        tgt = [p for _, p in self.target_encoder.named_parameters()]
+        ctx = [self.get_parameter(n).detach() for n in names]
+        torch._foreach_lerp_(tgt, ctx, 1. - momentum)
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        """-> (loss, L_pixel, L_latent, L_cls). imgs (N, C, H, W) normalised."""
+        ids_keep, mask, ids_restore = random_masking(imgs.shape[0], self.num_patches, mask_ratio,
+                                                     imgs.device, noise)
+        levels = self.forward_blocks(self.embed(imgs, ids_keep), self.mff_layers or [self.depth - 1])
+        latent = self.norm(levels[-1])                                   # (N, 1 + K, D)
+        pixel_in = self.norm(self.mff(levels)) if self.mff is not None else latent
+        pred_pix = self.pixel_decoder(pixel_in, ids_restore)[:, 1:]     # (N, L, p*p*C)
+        pred_lat = self.latent_decoder(latent, ids_restore)             # (N, 1 + L, D)
+        # L_pixel: MAE loss on masked patches (optionally norm_pix).
+        target_pix = patchify(imgs, self.patch_size)
+        if self.norm_pix_loss:
+            mean, var = target_pix.mean(-1, keepdim=True), target_pix.var(-1, keepdim=True)
+            target_pix = (target_pix - mean) / (var + 1.e-6) ** .5
+        l_pix = masked_mse(pred_pix, target_pix, mask)
+        # L_latent and L_cls: prediction i is paired with the target of patch i (both original order).
+        target_lat = self.target_features(imgs)                          # (N, 1 + L, D), no grad
+        l_lat = masked_mse(pred_lat[:, 1:], target_lat[:, 1:], mask)
+        l_cls = (F.mse_loss(pred_lat[:, 0].float(), target_lat[:, 0]) if self.cls_loss
+                 else torch.zeros((), device=imgs.device))
+        return l_pix + l_lat + l_cls, l_pix, l_lat, l_cls
+
+
+def build_model(args):
+    if args.model not in MODELS:
+        raise InputError(f"unknown --model '{args.model}': choose one of {', '.join(MODELS)}")
+    size, patch = MODELS[args.model]
+    return PiLaMIM(img_size=args.input_size, patch_size=args.patch_size or patch, **VIT_SIZES[size],
+                   decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
+                   decoder_num_heads=args.decoder_num_heads, norm_pix_loss=args.norm_pix_loss,
+                   cls_loss=not args.no_cls_loss, latent_target=args.latent_target,
+                   mff_layers=parse_mff_layers(args.mff_layers, VIT_SIZES[size]['depth']),
+                   mff_proj=args.mff_proj, mff_fusion=args.mff_fusion, mff_detach=args.mff_detach)
+
+
+def momentum_at(step, total_steps, start=0.996, end=1.0):
+    """EMA momentum for the update after optimizer step `step` (0-based): linear start -> end."""
+    return start + (end - start) * min(step / max(total_steps, 1), 1.)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+
+NAMES = ('loss', 'pixel', 'latent', 'cls')
+
+
+def train_one_epoch(model, raw_model, loader, optimizer, device, epoch, step, total_steps, args, rank,
+                    world_size, last_ckpt):
+    """One pass; EMA update after every optimizer step. Returns (step, {loss parts}, images/s)."""
+    model.train()
+    tracker = LossTracker(device, NAMES)
+    micro_steps = len(loader) // args.accum_iter * args.accum_iter
+    bar = progress(loader, rank, total=micro_steps, desc=f'epoch {epoch}')
+    start = time.time()
+    for i, (imgs, _) in enumerate(bar):
+        if i == micro_steps:
+            break
+        if i % args.accum_iter == 0:
+            set_lr(optimizer, lr_at(epoch + i / micro_steps, args))
+        imgs = imgs.to(device, non_blocking=True)
+        last_micro = (i + 1) % args.accum_iter == 0
+        with no_sync_unless(model, last_micro):
+            with autocast(device):                                       # bf16 on CUDA, target pass too
+                losses = model(imgs, args.mask_ratio)
+            (losses[0] / args.accum_iter).backward()
+        if last_micro:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            raw_model.update_target(momentum_at(step, total_steps, args.ema_momentum, args.ema_end))
+            step += 1
+        tracker.add(step, *losses)
+        if (i + 1) % args.print_freq == 0:
+            tracker.check(last_ckpt)
+            bar.set_postfix(loss=f"{tracker.mean(1)['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    tracker.check(last_ckpt)
+    return step, tracker.mean(world_size), micro_steps * args.batch_size * world_size / (time.time() - start)
+
+
+def main(args):
+    rank, world_size, device = init_distributed()
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+    torch.manual_seed(args.seed)
+    raw_model = build_model(args).to(device)
+    dataset = build_dataset(args, 'train', train_transform(args.input_size, args.crop))
+    loader, sampler = make_loader(dataset, args.batch_size, rank, world_size, args.num_workers, seed=args.seed)
+    if len(loader) < args.accum_iter:
+        raise InputError(f'{len(loader)} batches per epoch, fewer than --accum_iter {args.accum_iter}: '
+                         'lower --accum_iter or --batch_size, or add data')
+    eff_batch = scale_lr(args, world_size)
+    optimizer = adamw(raw_model, args, device)                           # target params: no grad, skipped
+    start_epoch, step, _ = resume(args, raw_model, optimizer)           # restores target encoder + step
+    total_steps = args.epochs * (len(loader) // args.accum_iter)         # momentum schedule length
+    model = wrap_ddp(torch.compile(raw_model) if args.compile else raw_model, device, world_size)
+    if rank == 0:
+        print(f'{args.model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M params (target '
+              f'encoder included), {len(dataset)} images, effective batch {eff_batch}, lr {args.lr:.3g}, '
+              f'cls loss {"on" if raw_model.cls_loss else "off"}, latent target {args.latent_target}, '
+              f'mff_layers {raw_model.mff_layers or "off"}, from epoch {start_epoch} (step {step})', flush=True)
+    last_ckpt = None
+    for epoch in range(start_epoch, args.epochs):
+        seed_epoch(args.seed, epoch, rank)
+        sampler.set_epoch(epoch)
+        step, losses, speed = train_one_epoch(model, raw_model, loader, optimizer, device, epoch, step,
+                                              total_steps, args, rank, world_size, last_ckpt)
+        if rank == 0:
+            last_ckpt = save_training_state(args, raw_model, optimizer, epoch + 1, step)
+        log_epoch(args, rank, {'epoch': epoch + 1, 'step': step, **losses,
+                               'lr': optimizer.param_groups[0]['lr'],
+                               'ema_momentum': momentum_at(step, total_steps, args.ema_momentum, args.ema_end),
+                               'images_per_s': round(speed, 1), 'fusion_weights': raw_model.fusion_weights()})
+    return raw_model
+
+
+def get_args_parser():
+    """mae_mff.py's flags with PiLaMIM's defaults, plus the latent-branch switches."""
+    p = mae_args_parser(__doc__.split('\n')[0])
+    a = p.add_argument
+    a('--no_cls_loss', action='store_true', help="drop L_cls (the paper's 'w/o [CLS]' ablation)")
+    a('--latent_target', default='raw', choices=['raw', 'layernorm'],
+      help="raw: target encoder output after its final norm (paper); layernorm: + non-affine LN (I-JEPA)")
+    a('--ema_momentum', type=float, default=0.996, help='EMA momentum at the first step')
+    a('--ema_end', type=float, default=1.0, help='EMA momentum at the last step (linear per iteration)')
+    # Paper recipe: 128 per GPU x 2 accumulation x 8 GPUs = 2048; raw pixels; RandomResizedCrop; no MFF.
+    p.set_defaults(decoder_embed_dim=384, decoder_depth=6, decoder_num_heads=12, norm_pix_loss=False,
+                   mff_layers='none', crop='rrc', batch_size=128, accum_iter=2, epochs=800)
+    return p
+
+
+PRESETS = {'laptop': dict(model='mae_vit_tiny_patch16', input_size=32, patch_size=4, decoder_embed_dim=128,
+                          decoder_depth=2, decoder_num_heads=4, batch_size=128, accum_iter=1, epochs=5,
+                          warmup_epochs=1, blr=1.5e-3, builtin_size=4096, num_workers=1, save_freq=4,
+                          output_dir='./output/pilamim_laptop', print_freq=8)}
+
+if __name__ == '__main__':
+    run(main, get_args_parser(), PRESETS)
