@@ -132,7 +132,7 @@ def features(encoder, imgs, pool, layer):
 
     The final norm is applied after whichever block is probed, as MAE's probe reads norm(x)[:, 0].
     """
-    x = encoder.norm(encoder.forward_blocks(encoder.embed(imgs), [layer])[-1])   # (N, 1 + L, D)
+    x = encoder.norm(encoder.forward_blocks(encoder.embed(imgs), [layer % encoder.depth])[-1])  # (N, 1 + L, D)
     return x[:, 0] if pool == 'cls' else x[:, 1:].mean(1) if pool == 'mean' else x[:, 1:]
 
 
