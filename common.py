@@ -4,12 +4,12 @@ Every method file (mae_mff.py, pixmim_mff.py, pilamim.py, probe.py, finetune.py)
 nothing in this file knows about a particular method. Section order: encoder -> masking -> data ->
 distributed -> optimisation -> checkpoints -> logging -> command line.
 """
+import argparse
 import json
 import math
 import os
 import re
 import sys
-import time
 from contextlib import nullcontext
 from functools import partial
 
@@ -298,13 +298,14 @@ def build_dataset(args, split, transform):
         raise InputError(f'{root} holds no images ({e}): put images in {root}/<class>/') from None
 
 
-def make_loader(dataset, batch_size, rank, world_size, num_workers, train=True, seed=0):
+def make_loader(dataset, batch_size, rank, world_size, num_workers, train=True, seed=0, accum_iter=1):
     """DataLoader over this rank's shard. The shuffle order depends only on (seed, epoch)."""
     if batch_size < 1:
         raise InputError(f'batch size {batch_size} < 1: give --batch_size of at least 1 (per GPU)')
-    if train and len(dataset) < batch_size * world_size:
-        raise InputError(f'dataset has {len(dataset)} images, fewer than one global batch '
-                         f'({batch_size} x {world_size} processes): lower --batch_size or add data')
+    if train and len(dataset) < batch_size * world_size * accum_iter:
+        raise InputError(f'dataset has {len(dataset)} images, fewer than one optimizer step needs '
+                         f'({batch_size} x {accum_iter} accum_iter x {world_size} processes): '
+                         'lower --batch_size or --accum_iter, or add data')
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
                                                   shuffle=train, seed=seed, drop_last=train)
     loader = torch.utils.data.DataLoader(
@@ -455,8 +456,9 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise InputError(f'checkpoint {path} does not exist: check the path, or use --resume auto '
                          'to continue from the latest checkpoint in --output_dir')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+    try:  # official MAE checkpoints pickle their args as an argparse.Namespace
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated or not a checkpoint at all
         raise InputError(f'cannot read checkpoint {path} ({type(e).__name__}): it is corrupt or not a '
                          'PyTorch checkpoint; point --resume at another file') from None

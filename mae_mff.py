@@ -214,7 +214,8 @@ def main(args):
     torch.manual_seed(args.seed)                                         # same init on every rank
     raw_model = build_model(args).to(device)
     dataset = build_dataset(args, 'train', train_transform(args.input_size, args.crop))
-    loader, sampler = make_loader(dataset, args.batch_size, rank, world_size, args.num_workers, seed=args.seed)
+    loader, sampler = make_loader(dataset, args.batch_size, rank, world_size, args.num_workers,
+                                   seed=args.seed, accum_iter=args.accum_iter)
     eff_batch = scale_lr(args, world_size)
     optimizer = adamw(raw_model, args, device)
     start_epoch, step, _ = resume(args, raw_model, optimizer)

@@ -193,10 +193,8 @@ def main(args):
     torch.manual_seed(args.seed)
     raw_model = build_model(args).to(device)
     dataset = build_dataset(args, 'train', train_transform(args.input_size, args.crop))
-    loader, sampler = make_loader(dataset, args.batch_size, rank, world_size, args.num_workers, seed=args.seed)
-    if len(loader) < args.accum_iter:
-        raise InputError(f'{len(loader)} batches per epoch, fewer than --accum_iter {args.accum_iter}: '
-                         'lower --accum_iter or --batch_size, or add data')
+    loader, sampler = make_loader(dataset, args.batch_size, rank, world_size, args.num_workers,
+                                   seed=args.seed, accum_iter=args.accum_iter)
     eff_batch = scale_lr(args, world_size)
     optimizer = adamw(raw_model, args, device)                           # target params: no grad, skipped
     start_epoch, step, _ = resume(args, raw_model, optimizer)           # restores target encoder + step

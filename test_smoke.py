@@ -1,28 +1,38 @@
 """Tests: `python -m pytest -q test_smoke.py` (CPU, a few minutes on 2 cores).
 
-Each test checks a behaviour that could break: tensor layouts, masking, the loss, MFF,
-checkpoints and resume, DDP, timm compatibility, and the one-line errors for bad input.
+Each test checks a behaviour that could break. Sections: MAE + MFF (layouts, masking, loss, fusion,
+timm compatibility, checkpoints, resume after a kill, DDP, bad input), PixMIM and PiLaMIM (filter,
+EMA target, target order, resume), probe.py (pooling, cache, frozen encoder, loading).
 """
+import importlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import timm
 import torch
+import torch.nn as nn
 from PIL import Image
 
 import common
 import mae_mff
-from common import InputError, ViTEncoder, patchify, random_masking, unpatchify
+import probe
+from common import (InputError, SyntheticShapes, ViTEncoder, eval_transform, make_loader, patchify, random_masking,
+                    save_checkpoint, train_transform, unpatchify)
 from mae_mff import MaskedAutoencoder, paper_mff_layers
+from pilamim import PiLaMIM, momentum_at
+from pixmim_mff import ideal_low_pass, low_freq_target, pixmim_loss
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # One thread per script run: 2-thread OpenMP crawls when other processes share the 2 cores.
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
+torch.set_num_threads(1)                                                 # likewise for in-process tests
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2,
             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
 # A fast CLI setting: 16 px images, 16 patches, tiny ViT (depth 12, width 192), 4 steps per epoch.
@@ -335,6 +345,7 @@ def test_bad_input_prints_one_line_and_exits_2(tmp_path):
     (['--mff_layers', '0,5'], 'end at the last block'),
     (['--mff_layers', 'first'], 'comma list'),
     (['--batch_size', '0'], 'batch size 0 < 1'),
+    (['--accum_iter', '8'], 'fewer than one optimizer step'),
     (['--resume', '{tmp}/missing.pth'], 'does not exist'),
     (['--input_size', '18'], 'not divisible by patch size'),
 ])
@@ -376,3 +387,378 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     after = torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)
     assert after['epoch'] == 1
     assert all(torch.equal(good['model'][k], after['model'][k]) for k in good['model'])
+
+
+# ==============================================================================================
+# PixMIM and PiLaMIM
+
+# One thread: on a small shared CPU, thread sync costs far more than these tiny matmuls gain (~10x).
+torch.set_num_threads(1)
+MEAN = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
+METHOD_TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
+            decoder_depth=1, decoder_num_heads=2)
+
+
+def shifted_radius(H, W):
+    """Distance of each fftshift-ed frequency bin from the filter's centre ((H-1)/2, (W-1)/2)."""
+    i = torch.arange(H) - (H - 1) / 2
+    j = torch.arange(W) - (W - 1) / 2
+    return (i[:, None] ** 2 + j[None] ** 2).sqrt()
+
+
+# ---------------------------------------------------------------------------------------------- PixMIM
+
+def test_low_pass_keeps_dc_and_removes_energy_beyond_radius():
+    S, r = 32, 6.
+    v, u = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32), indexing='ij')
+    low = 0.5 + 0.2 * torch.cos(2 * math.pi * 2 * u / S)                 # frequency 2: inside r
+    high = 0.1 * torch.cos(2 * math.pi * 10 * v / S)                     # frequency 10: outside r
+    x = (low + high).expand(2, 3, S, S)
+    out = ideal_low_pass(x, r)
+    spec_in = torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1))
+    spec_out = torch.fft.fftshift(torch.fft.fft2(out), dim=(-2, -1))
+    dc = (S // 2, S // 2)
+    assert torch.allclose(spec_out[..., dc[0], dc[1]], spec_in[..., dc[0], dc[1]], rtol=1e-5)   # DC kept
+    beyond = shifted_radius(S, S) > r + 1
+    assert (spec_in.abs() ** 2)[..., beyond].sum() > 1                   # there was high energy ...
+    assert (spec_out.abs() ** 2)[..., beyond].sum() < 1e-6 * (spec_out.abs() ** 2).sum()        # ... gone
+    assert torch.allclose(out, low.expand_as(out), atol=1e-5)            # low band untouched
+    # A natural-ish image: energy beyond the radius drops by orders of magnitude.
+    img = torch.rand(1, 3, S, S).cumsum(-1).cumsum(-2)
+    img = img / img.amax()
+    e_in = (torch.fft.fftshift(torch.fft.fft2(img), dim=(-2, -1)).abs() ** 2)[..., beyond].sum()
+    e_out = (torch.fft.fftshift(torch.fft.fft2(ideal_low_pass(img, r)), dim=(-2, -1)).abs() ** 2)[..., beyond].sum()
+    assert e_out < 1e-2 * e_in
+
+
+def test_full_radius_returns_input():
+    imgs = (torch.rand(2, 3, 16, 16) - MEAN) / STD                       # normalised [0, 1] images
+    assert torch.allclose(low_freq_target(imgs, radius=100.), imgs, atol=1e-5)
+
+
+def test_target_in_normalised_space_and_used_by_loss():
+    x01 = torch.rand(2, 3, 16, 16)
+    imgs = (x01 - MEAN) / STD
+    expected = (ideal_low_pass(x01, 3.) - MEAN) / STD                     # filter in [0, 1], re-normalise
+    target = low_freq_target(imgs, 3.)
+    assert not target.requires_grad
+    assert torch.allclose(target, expected, atol=1e-5)
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(**METHOD_TINY, norm_pix_loss=True, mff_layers=[0, 1])
+    torch.manual_seed(1)
+    loss = pixmim_loss(model, imgs, 0.75, 3.)
+    torch.manual_seed(1)
+    ref = model(imgs, 0.75, target_imgs=expected)[0]                      # same mask
+    torch.manual_seed(1)
+    plain = model(imgs, 0.75)[0]
+    assert torch.allclose(loss, ref, atol=1e-6) and not torch.allclose(loss, plain)
+
+
+# ---------------------------------------------------------------------------------------------- PiLaMIM
+
+def tiny_pilamim(**kw):
+    torch.manual_seed(0)
+    return PiLaMIM(**{**METHOD_TINY, **kw})
+
+
+def test_target_starts_as_copy_and_ema_math():
+    model = tiny_pilamim()
+    ctx = common.encoder_state_dict(model.state_dict())
+    tgt = model.target_encoder.state_dict()
+    assert ctx.keys() == tgt.keys() and all(torch.equal(ctx[k], tgt[k]) for k in ctx)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    before_t = {k: v.clone() for k, v in model.target_encoder.state_dict().items()}
+    ctx = {k: v.clone() for k, v in common.encoder_state_dict(model.state_dict()).items()}
+    model.update_target(0.9)
+    after_t = model.target_encoder.state_dict()
+    for k in before_t:
+        assert torch.allclose(after_t[k], 0.9 * before_t[k] + 0.1 * ctx[k], atol=1e-6), k
+    assert common.encoder_state_dict(model.state_dict()).keys() == ctx.keys()   # probe sees the context encoder
+
+
+def test_momentum_schedule():
+    assert momentum_at(0, 100) == pytest.approx(0.996)
+    assert momentum_at(50, 100) == pytest.approx(0.998)
+    assert momentum_at(100, 100) == pytest.approx(1.0)
+
+
+def test_target_encoder_gets_no_gradient():
+    model = tiny_pilamim()
+    loss = model(torch.randn(2, 3, 16, 16))[0]
+    loss.backward()
+    assert all(not p.requires_grad and p.grad is None for p in model.target_encoder.parameters())
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+    opt_params = {id(p) for g in common.param_groups(model, 0.05) for p in g['params']}
+    assert not opt_params & {id(p) for p in model.target_encoder.parameters()}
+
+
+class Oracle(nn.Module):
+    """Stands in for the latent decoder: returns fixed 'perfect' predictions in the original order."""
+
+    def __init__(self, pred):
+        super().__init__()
+        self.pred = pred
+
+    def forward(self, x, ids_restore):
+        return self.pred
+
+
+def per_patch_target_encoder(model):
+    """Zero every residual branch of the target encoder: its output at patch i depends on patch i only."""
+    with torch.no_grad():
+        for blk in model.target_encoder.blocks:
+            for lin in (blk.attn.proj, blk.mlp.fc2):
+                lin.weight.zero_()
+                lin.bias.zero_()
+    enc = model.target_encoder
+    return lambda imgs: enc.norm(enc.embed(imgs))                         # (N, 1 + L, D), patch i at i + 1
+
+
+def test_latent_targets_paired_with_the_same_patches():
+    model = tiny_pilamim()
+    truth = per_patch_target_encoder(model)
+    imgs = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        oracle = truth(imgs)
+    model.latent_decoder = Oracle(oracle)
+    _, _, l_lat, l_cls = model(imgs)
+    assert l_lat.item() < 1e-10 and l_cls.item() < 1e-10                 # perfect predictor -> zero loss
+    # Controls: the test notices a pairing with other patches, or the public code's shuffled targets.
+    model.latent_decoder = Oracle(torch.cat([oracle[:, :1], oracle[:, 1:].roll(1, dims=1)], dim=1))
+    assert model(imgs)[2].item() > 1e-2
+    model.latent_decoder = Oracle(oracle)
+    unshuffled = model.target_features
+    model.target_features = lambda x: (lambda t: torch.cat(
+        [t[:, :1], t[:, 1:][:, torch.randperm(t.shape[1] - 1)]], dim=1))(unshuffled(x))
+    assert model(imgs)[2].item() > 1e-2
+
+
+def test_decoder_returns_original_patch_order():
+    model = tiny_pilamim(decoder_depth=0)                                 # decoder = embed + pos + norm + head
+    dec = model.latent_decoder
+    x = torch.randn(2, 1 + 4, 32)
+    ids_keep, _, ids_restore = common.random_masking(2, 16, 0.75, 'cpu')
+    out = dec(x, ids_restore)                                             # (2, 17, 32)
+    for n in range(2):
+        for k in range(4):
+            pos = ids_keep[n, k] + 1
+            ref = dec.decoder_pred(dec.decoder_norm(dec.decoder_embed(x[n, k + 1]) + dec.decoder_pos_embed[0, pos]))
+            assert torch.allclose(out[n, pos], ref, atol=1e-5)
+
+
+def test_no_cls_loss_switch():
+    imgs = torch.randn(2, 3, 16, 16)
+    torch.manual_seed(3)
+    loss, l_pix, l_lat, l_cls = tiny_pilamim()(imgs)
+    assert l_cls.item() > 0 and torch.allclose(loss, l_pix + l_lat + l_cls)
+    torch.manual_seed(3)
+    loss, l_pix, l_lat, l_cls = tiny_pilamim(cls_loss=False)(imgs)
+    assert l_cls.item() == 0 and torch.allclose(loss, l_pix + l_lat)
+
+
+# ---------------------------------------------------------------------------------------------- METHOD_CLI
+
+METHOD_CLI = ['--model', 'mae_vit_tiny_patch16', '--input_size', '16', '--patch_size', '4', '--decoder_embed_dim', '32',
+       '--decoder_depth', '1', '--decoder_num_heads', '2', '--builtin_size', '32', '--batch_size', '16',
+       '--accum_iter', '1', '--epochs', '2', '--warmup_epochs', '1', '--num_workers', '0', '--save_freq', '1',
+       '--print_freq', '1']
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+
+
+def method_cli(script, out, *extra):
+    """The script as a user runs it (a fresh process)."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *METHOD_CLI, '--output_dir', str(out), *extra],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return read_log(out)
+
+
+def in_process(script, out, *extra):
+    """Same run without the interpreter start-up (keeps the file fast)."""
+    module = importlib.import_module(script[:-3])
+    module.main(module.get_args_parser().parse_args([*METHOD_CLI, '--output_dir', str(out), *extra]))
+    return read_log(out)
+
+
+@pytest.mark.parametrize('script,extra', [('pixmim_mff.py', ['--mff_layers', '0,11']),
+                                          ('pilamim.py', ['--no_cls_loss', '--latent_target', 'layernorm'])])
+def test_cli_train_and_exact_resume(tmp_path, script, extra):
+    full = in_process(script, tmp_path / 'full', *extra)                 # 2 epochs straight
+    resumed_dir = tmp_path / 'resumed'
+    resumed_dir.mkdir()
+    shutil.copy(tmp_path / 'full' / 'checkpoint-1.pth', resumed_dir / 'checkpoint-last.pth')  # "killed" after 1
+    resumed = method_cli(script, resumed_dir, '--resume', 'auto', *extra)
+    assert [r['epoch'] for r in resumed] == [2] and full[-1]['step'] == resumed[-1]['step'] == 4
+    a = torch.load(tmp_path / 'full' / 'checkpoint-2.pth', weights_only=True)
+    b = torch.load(resumed_dir / 'checkpoint-2.pth', weights_only=True)
+    for k in a['model']:                                                  # target encoder + EMA position too
+        assert torch.allclose(a['model'][k], b['model'][k], atol=1e-6), k
+    assert full[-1]['loss'] == pytest.approx(resumed[-1]['loss'], rel=1e-5)
+    if script == 'pilamim.py':
+        assert any(k.startswith('target_encoder.') for k in a['model'])
+        assert resumed[-1]['cls'] == 0 and full[-1]['ema_momentum'] == resumed[-1]['ema_momentum'] == 1.0
+    enc = common.ViTEncoder(16, 4, embed_dim=192, depth=12, num_heads=3)  # what probe.py does
+    common.load_matching_state(enc, common.encoder_state_dict(a['model']), 'checkpoint')
+
+
+@pytest.mark.parametrize('script,flags,words', [('pixmim_mff.py', ['--lpf_radius', '-1'], 'lpf_radius'),
+                                                ('pilamim.py', ['--accum_iter', '8'], 'accum_iter')])
+def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, script, flags, words):
+    module = importlib.import_module(script[:-3])
+    monkeypatch.setattr(sys, 'argv', [script, *METHOD_CLI, '--output_dir', str(tmp_path), *flags])
+    with pytest.raises(SystemExit) as e:
+        common.run(module.main, module.get_args_parser(), module.PRESETS)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and words in err
+
+
+# ==============================================================================================
+# probe.py
+
+PROBE_TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)
+
+
+def probe_args(*flags):
+    args = probe.get_args_parser().parse_args(list(flags))
+    args.world_size = 1
+    probe.resolve_defaults(args)
+    return args
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+    """A depth-2, width-192 MAE pre-trained for a few steps, saved in mae_mff.py's checkpoint format."""
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(img_size=32, patch_size=4, embed_dim=192, depth=2, num_heads=3, decoder_embed_dim=64,
+                              decoder_depth=1, decoder_num_heads=2, mff_layers=(0, 1))
+    data = SyntheticShapes(128, 32, transform=train_transform(32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1.5e-3, betas=(0.9, 0.95), weight_decay=0.05)
+    for imgs, _ in torch.utils.data.DataLoader(data, batch_size=32):
+        loss = model(imgs)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = str(tmp_path_factory.mktemp('pre') / 'checkpoint-last.pth')
+    save_checkpoint({'model': model.state_dict(), 'optimizer': opt.state_dict(), 'epoch': 1, 'step': 4,
+                     'args': {'model': 'mae_vit_tiny_patch16', 'input_size': 32, 'patch_size': 4}}, path)
+    return path
+
+
+def test_abmilp_attention_is_a_distribution_over_patches_only():
+    torch.manual_seed(0)
+    encoder = ViTEncoder(**PROBE_TINY).eval()
+    imgs = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        tokens = probe.features(encoder, imgs, 'abmilp', 1)             # (N, L, D): cls excluded
+        assert torch.equal(tokens, encoder.forward_features(imgs)[:, 1:])
+        pool = probe.AbMILPool(64, depth=1)
+        for p in pool.parameters():                                      # non-trivial scores
+            torch.nn.init.normal_(p, std=0.5)
+        a = pool.attention(tokens)
+    assert a.shape == (3, encoder.num_patches)
+    assert (a > 0).all() and torch.allclose(a.sum(1), torch.ones(3))
+    assert a.std(1).min() > 0                                            # not uniform: it selects
+    assert torch.allclose(pool(tokens), (a[..., None] * tokens).sum(1), atol=1e-6)
+    assert isinstance(probe.AbMILPool(64).score[0], torch.nn.Linear) and len(probe.AbMILPool(64).score) == 1
+
+
+def test_cached_and_uncached_paths_give_the_same_features():
+    torch.manual_seed(0)
+    encoder = ViTEncoder(**PROBE_TINY).eval()
+    data = SyntheticShapes(40, 32, transform=eval_transform(32))
+    loader = make_loader(data, 16, 0, 1, 0, train=False)[0]
+    for pool in ('cls', 'mean', 'abmilp'):
+        args = probe_args('--checkpoint', 'x', '--pool', pool, '--layer', '0', '--batch_size', '16')
+        cache_x, cache_y = probe.extract(encoder, loader, pool, 0, torch.device('cpu'))
+        cached = list(probe.batches(encoder, (cache_x, cache_y), args, torch.device('cpu'), shuffle=False))
+        fresh = list(probe.batches(encoder, loader, args, torch.device('cpu'), shuffle=False))
+        assert len(cached) == len(fresh) == 3
+        for (xc, yc), (xf, yf) in zip(cached, fresh):
+            assert torch.equal(yc, yf) and torch.allclose(xc, xf, atol=1e-6)
+
+
+@pytest.mark.parametrize('pool', ['cls', 'abmilp'])
+def test_encoder_is_untouched_by_probing(pool, tmp_path):
+    torch.manual_seed(0)
+    encoder = ViTEncoder(**PROBE_TINY).requires_grad_(False).eval()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    args = probe_args('--checkpoint', 'x', '--pool', pool, '--epochs', '2', '--batch_size', '16',
+                      '--output_dir', str(tmp_path), '--layer', '1')
+    train = SyntheticShapes(32, 32, transform=probe.probe_train_transform(32))
+    val = SyntheticShapes(16, 32, seed=1, transform=eval_transform(32))
+    val_src = make_loader(val, 16, 0, 1, 0, train=False)[0]
+    # re-encoding path (augmented): the encoder runs inside every training step
+    probe.train_probe(encoder, make_loader(train, 16, 0, 1, 0)[0], val_src, 4, args, torch.device('cpu'))
+    # cached path
+    cache = probe.extract(encoder, make_loader(train, 16, 0, 1, 0, train=False)[0], pool, 1, torch.device('cpu'))
+    head, history = probe.train_probe(encoder, cache, val_src, 4, args, torch.device('cpu'))
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+    assert len(history) == 2 and head.fc.weight.grad is not None
+
+
+def test_probe_beats_chance_and_writes_result(pretrained, tmp_path):
+    out = str(tmp_path)
+    result = probe.main(probe_args('--checkpoint', pretrained, '--builtin_size', '512', '--output_dir', out))
+    assert result['method'] == 'linear' and len(result['epochs']) == 30 and result['top5'] is None  # 4 classes
+    assert result['top1'] > 35, result                                   # chance 25%, 256 val images
+    saved = json.load(open(os.path.join(out, 'probe_cls_block1.json')))
+    assert saved['top1'] == result['top1'] and saved['best_top1'] >= saved['top1']
+
+
+def test_knn_runs(pretrained, tmp_path):
+    result = probe.main(probe_args('--checkpoint', pretrained, '--knn', '--pool', 'mean', '--builtin_size', '256',
+                                   '--builtin_label', 'count', '--output_dir', str(tmp_path)))
+    assert result['method'] == 'knn' and 0 <= result['top1'] <= 100
+    assert os.path.isfile(os.path.join(str(tmp_path), 'knn_mean_block1.json'))
+    scores = probe.knn_scores(torch.eye(4), torch.arange(4), torch.eye(4) + 0.01, 4, k=2)
+    assert torch.equal(scores.argmax(1), torch.arange(4))             # nearest neighbour wins the vote
+    with pytest.raises(InputError, match='abmilp'):
+        probe_args('--checkpoint', pretrained, '--knn', '--pool', 'abmilp')
+
+
+def test_official_and_timm_format_weights_load(tmp_path):
+    torch.manual_seed(0)
+    imgs = torch.randn(2, 3, 32, 32)
+    mae = MaskedAutoencoder(**PROBE_TINY, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2).eval()
+    save_checkpoint({'model': mae.state_dict()}, str(tmp_path / 'official.pth'))   # official MAE layout
+    vit = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32, patch_size=4, embed_dim=64,
+                            depth=2, num_heads=2, num_classes=10).eval()
+    save_checkpoint(vit.state_dict(), str(tmp_path / 'timm.pth'))     # bare timm state dict, with head.*
+    for name, reference in (('official', mae.forward_features), ('timm', vit.forward_features)):
+        path = str(tmp_path / f'{name}.pth')
+        with pytest.raises(InputError, match='--num_heads'):           # width 64 is no standard size
+            probe.load_encoder(path, probe_args('--checkpoint', path))
+        encoder = probe.load_encoder(path, probe_args('--checkpoint', path, '--num_heads', '2'))
+        with torch.no_grad():
+            assert torch.allclose(encoder.forward_features(imgs), reference(imgs), atol=1e-5)
+        assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_checkpoint_of_another_size_is_a_one_line_error(pretrained, tmp_path):
+    with pytest.raises(InputError, match='another architecture'):
+        probe.load_encoder(pretrained, probe_args('--checkpoint', pretrained, '--input_size', '64'))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'probe.py'), '--checkpoint', pretrained,
+                           '--model', 'mae_vit_small_patch16', '--output_dir', str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'another architecture' in lines[0] and 'embed_dim 192 there, 384 asked' in lines[0]
+    with pytest.raises(InputError, match='--layer 5 does not exist'):
+        probe.main(probe_args('--checkpoint', pretrained, '--layer', '5', '--output_dir', str(tmp_path)))
+    with pytest.raises(InputError, match='does not exist'):
+        probe.load_encoder(str(tmp_path / 'missing.pth'), probe_args('--checkpoint', 'x'))
+
+
+def test_token_cache_that_does_not_fit_is_refused(monkeypatch):
+    encoder = ViTEncoder(**PROBE_TINY).eval()
+    loader = make_loader(SyntheticShapes(8, 32), 8, 0, 1, 0, train=False)[0]
+    monkeypatch.setattr(probe, 'free_memory', lambda device: 1000)
+    with pytest.raises(InputError, match='--aug'):
+        probe.extract(encoder, loader, 'abmilp', 1, torch.device('cpu'))
