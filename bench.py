@@ -7,15 +7,23 @@ target-encoder forward and its EMA update (<= 1.6x).
 
     python bench.py                                        # ViT-B/16, 224 px, batch 128 on CUDA
     python bench.py --device cpu --input_size 64 --batch 8 --steps 5
+    python bench.py --probe --device cpu --size tiny --input_size 32 --patch_size 4 --batch 64 --steps 4
+
+--probe times probe.py's fast path instead: an epoch of head training on cached features vs
+re-encoding every batch through the frozen ViT (target: >= 10x).
 """
 import argparse
+import contextlib
+import io
 import statistics
+import tempfile
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import VIT_SIZES, adamw, autocast
+import probe
+from common import VIT_SIZES, ViTEncoder, adamw, autocast, make_loader
 from mae_mff import MaskedAutoencoder, paper_mff_layers
 from pilamim import PiLaMIM, momentum_at
 from pixmim_mff import pixmim_loss
@@ -83,6 +91,40 @@ def bench_step(make, loss_fn, after_step, device, imgs, steps, warmup, compile_m
     return statistics.median(times), flops, memory
 
 
+def bench_probe_cache(device, steps, size='tiny', img_size=32, patch_size=4, batch_size=64, pools=('cls', 'abmilp')):
+    """Print one line: ms per epoch of `steps` batches, cached vs re-encoding, per pooling; return the figures."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    encoder = ViTEncoder(img_size, patch_size, **VIT_SIZES[size]).to(device).requires_grad_(False).eval()
+    imgs = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    labels = torch.randint(0, 10, (batch_size,), device=device)
+    figures = {}
+    for pool in pools:
+        with torch.no_grad(), autocast(device):
+            feats = probe.features(encoder, imgs, pool, encoder.depth - 1).float()
+        cache = (feats.repeat(steps, *[1] * (feats.ndim - 1)), labels.repeat(steps))   # steps x batch entries
+        val = (feats[:1], labels[:1])
+        with tempfile.TemporaryDirectory() as out:
+            args = probe.get_args_parser().parse_args(['--checkpoint', 'x', '--pool', pool, '--epochs', '2',
+                                                      '--batch_size', str(batch_size), '--output_dir', out])
+            args.world_size = 1
+            probe.resolve_defaults(args)
+            times = {}
+            images = torch.utils.data.TensorDataset(imgs.cpu().repeat(steps, 1, 1, 1), labels.cpu().repeat(steps))
+            loader = make_loader(images, batch_size, 0, 1, 0, train=True)[0]   # in-memory images, shuffled
+            for name, source in (('cached', cache), ('re-encoding', loader)):
+                with contextlib.redirect_stdout(io.StringIO()):
+                    _, history = probe.train_probe(encoder, source, val, 10, args, device)
+                times[name] = history[-1]['epoch_s'] * 1000                  # second epoch: warm
+        figures[pool] = times
+    line = ', '.join(f"{pool}: cached {t['cached']:.1f} ms, re-encoding {t['re-encoding']:.0f} ms "
+                     f"-> {t['re-encoding'] / t['cached']:.0f}x" for pool, t in figures.items())
+    print(f'probe head epoch ({steps} steps x {batch_size}, ViT-{size}/{patch_size} at {img_size}px, {device.type}): '
+          f'{line}', flush=True)
+    return figures
+
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -94,8 +136,11 @@ def main():
     p.add_argument('--warmup', type=int, default=3, help='untimed steps first (compile, allocator, cudnn)')
     p.add_argument('--methods', nargs='+', default=['mae', 'mff_mae', 'pixmim', 'pilamim'])
     p.add_argument('--compile', action='store_true', help='torch.compile each model first')
+    p.add_argument('--probe', action='store_true', help="time probe.py's cached vs re-encoding head epoch")
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.probe:
+        return bench_probe_cache(device, args.steps, args.size, args.input_size, args.patch_size, args.batch)
     peak, where = (peak_flops(device) if device.type == 'cuda'
                    else (None, f'CPU ({torch.get_num_threads()} threads)'))
     if device.type == 'cuda':

@@ -52,7 +52,7 @@ class MultiLevelFusion(nn.Module):
         return self.fusion_logits.softmax(0) if hasattr(self, 'fusion_logits') else None
 
     def forward(self, levels):                                           # list of (N, T, D), deepest last
-        feats = [p(x.detach() if self.detach_shallow else x) for p, x in zip(self.proj, levels[:-1])]
+        feats = [p(x.detach() if self.detach_shallow else x) for p, x in zip(self.proj, levels[:-1])]  # Eq. 3
         feats.append(levels[-1])
         w = self.weights()
         if w is not None:                                                # Eq. 4
@@ -111,7 +111,8 @@ class MaskedAutoencoder(ViTEncoder):
         if self.mff is None:
             x = self.forward_blocks(x, [self.depth - 1])[-1]
         else:
-            x = self.mff(self.forward_blocks(x, self.mff_layers))        # fuse raw levels, then norm
+            levels = self.forward_blocks(x, self.mff_layers)             # Eq. 2: x_i, raw residual streams
+            x = self.mff(levels)                                         # Eq. 3-4; the norm comes after
         return self.norm(x), mask, ids_restore
 
     def forward_decoder(self, x, ids_restore):
