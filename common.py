@@ -478,9 +478,9 @@ def resume(args, model, optimizer):
     if path is None:
         return 0, 0, None
     ckpt = load_checkpoint(path)
-    if 'model' not in ckpt or 'optimizer' not in ckpt:
-        raise InputError(f'{path} is not a training checkpoint of these scripts (no model/optimizer '
-                         'entries): use it with probe.py/finetune.py, or start without --resume')
+    if not {'model', 'optimizer', 'epoch', 'step'} <= set(ckpt):
+        raise InputError(f'{path} is not a training checkpoint of these scripts (no model/optimizer/epoch/step '
+                         'entries): evaluate it with probe.py, or start without --resume')
     load_matching_state(model, ckpt['model'], path)
     optimizer.load_state_dict(ckpt['optimizer'])
     return ckpt['epoch'], ckpt['step'], ckpt

@@ -4,6 +4,7 @@ Each test checks a behaviour that could break. Sections: MAE + MFF (layouts, mas
 timm compatibility, checkpoints, resume after a kill, DDP, bad input), PixMIM and PiLaMIM (filter,
 EMA target, target order, resume), probe.py (pooling, cache, frozen encoder, loading).
 """
+import argparse
 import importlib
 import json
 import math
@@ -376,6 +377,11 @@ def test_resume_from_another_architecture_is_refused(tmp_path):
         mae_mff.main(cli_args('--model', 'mae_vit_small_patch16', '--resume', 'auto', '--output_dir', tmp_path))
     with pytest.raises(InputError, match='does not match'):
         mae_mff.main(cli_args('--mff_layers', 'none', '--resume', 'auto', '--output_dir', tmp_path))
+    official = {'model': torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)['model'],
+                'optimizer': {}, 'epoch': 0, 'args': argparse.Namespace(model='mae_vit_tiny_patch16')}
+    torch.save(official, tmp_path / 'official.pth')                      # official MAE layout: no 'step'
+    with pytest.raises(InputError, match='not a training checkpoint of these scripts'):
+        mae_mff.main(cli_args('--resume', tmp_path / 'official.pth', '--output_dir', tmp_path))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
