@@ -729,6 +729,20 @@ def test_knn_runs(pretrained, tmp_path):
         probe_args('--checkpoint', pretrained, '--knn', '--pool', 'abmilp')
 
 
+def test_probe_on_imagenet_style_folders(pretrained, tmp_path):
+    for split in ('train', 'val'):
+        for label, colour in (('red', (220, 30, 30)), ('blue', (30, 30, 220))):
+            folder = tmp_path / 'data' / split / label
+            folder.mkdir(parents=True)
+            for i in range(8):
+                Image.new('RGB', (40, 36), tuple(c + 3 * i for c in colour)).save(folder / f'{i}.png')
+    result = probe.main(probe_args('--checkpoint', pretrained, '--data_path', str(tmp_path / 'data'), '--no_aug',
+                                   '--epochs', '3', '--warmup_epochs', '1', '--blr', '30', '--batch_size', '8',
+                                   '--num_workers', '0', '--output_dir', str(tmp_path / 'out')))
+    assert result['num_classes'] == 2 and len(result['epochs']) == 3
+    assert result['top1'] == 100.0                                       # colour is trivially separable
+
+
 def test_official_and_timm_format_weights_load(tmp_path):
     torch.manual_seed(0)
     imgs = torch.randn(2, 3, 32, 32)
