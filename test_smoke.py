@@ -737,9 +737,9 @@ def test_probe_on_imagenet_style_folders(pretrained, tmp_path):
             for i in range(8):
                 Image.new('RGB', (40, 36), tuple(c + 3 * i for c in colour)).save(folder / f'{i}.png')
     result = probe.main(probe_args('--checkpoint', pretrained, '--data_path', str(tmp_path / 'data'), '--no_aug',
-                                   '--epochs', '3', '--warmup_epochs', '1', '--blr', '30', '--batch_size', '8',
+                                   '--epochs', '30', '--warmup_epochs', '3', '--blr', '30', '--batch_size', '4',
                                    '--num_workers', '0', '--output_dir', str(tmp_path / 'out')))
-    assert result['num_classes'] == 2 and len(result['epochs']) == 3
+    assert result['num_classes'] == 2 and len(result['epochs']) == 30
     assert result['top1'] == 100.0                                       # colour is trivially separable
 
 
