@@ -486,6 +486,36 @@ def resume(args, model, optimizer):
     return ckpt['epoch'], ckpt['step'], ckpt
 
 
+def prepare_training(args, raw_model, dataset, rank, world_size, device, describe=''):
+    """Everything between building the model and the first epoch, in the order it must happen.
+
+    Resume loads into the raw model before torch.compile and DDP wrap it, so checkpoint keys never
+    carry '_orig_mod.' or 'module.' prefixes. -> (model to train, loader, sampler, optimizer,
+    start_epoch, step).
+    """
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+    loader, sampler = make_loader(dataset, args.batch_size, rank, world_size, args.num_workers,
+                                  seed=args.seed, accum_iter=args.accum_iter)
+    eff_batch = scale_lr(args, world_size)
+    optimizer = adamw(raw_model, args, device)
+    start_epoch, step, _ = resume(args, raw_model, optimizer)
+    model = wrap_ddp(torch.compile(raw_model) if args.compile else raw_model, device, world_size)
+    if rank == 0:
+        print(f'{args.model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M params, '
+              f'{len(dataset)} images, effective batch {eff_batch}, lr {args.lr:.3g}, {describe}, '
+              f'from epoch {start_epoch} (step {step})', flush=True)
+    return model, loader, sampler, optimizer, start_epoch, step
+
+
+def epochs(args, sampler, rank, start_epoch):
+    """The epochs still to train, each with its RNGs and data order set from (seed, epoch) alone."""
+    for epoch in range(start_epoch, args.epochs):
+        seed_epoch(args.seed, epoch, rank)
+        sampler.set_epoch(epoch)
+        yield epoch
+
+
 def save_training_state(args, model, optimizer, epoch, step, **extra):
     """checkpoint-last.pth every epoch; checkpoint-<epoch>.pth every --save_freq and at the end."""
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,

@@ -12,16 +12,15 @@ loads the official MAE checkpoints with strict=True.
     torchrun --nproc_per_node=8 mae_mff.py --epochs 300 --data_path /imagenet
 """
 import argparse
-import os
 import time
 
 import torch
 import torch.nn as nn
 
-from common import (VIT_SIZES, Block, InputError, LayerNorm, LossTracker, ViTEncoder, adamw, add_common_args,
-                    autocast, build_dataset, init_distributed, init_weights, log_epoch, lr_at, make_loader,
-                    no_sync_unless, patchify, progress, random_masking, resume, run, save_training_state,
-                    scale_lr, seed_epoch, set_lr, sincos_pos_embed_2d, train_transform, unpatchify, wrap_ddp)
+from common import (Block, InputError, LayerNorm, LossTracker, VIT_SIZES, ViTEncoder, add_common_args, autocast,
+                    build_dataset, epochs, init_distributed, init_weights, log_epoch, lr_at, no_sync_unless,
+                    patchify, prepare_training, progress, random_masking, run, save_training_state, set_lr,
+                    sincos_pos_embed_2d, train_transform, unpatchify)
 
 
 def paper_mff_layers(depth):
@@ -210,26 +209,13 @@ def train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank, w
 def main(args):
     """Data, model, optimiser, resume, then epochs with a checkpoint and a log line after each."""
     rank, world_size, device = init_distributed()
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)                                         # same init on every rank
     raw_model = build_model(args).to(device)
     dataset = build_dataset(args, 'train', train_transform(args.input_size, args.crop))
-    loader, sampler = make_loader(dataset, args.batch_size, rank, world_size, args.num_workers,
-                                   seed=args.seed, accum_iter=args.accum_iter)
-    eff_batch = scale_lr(args, world_size)
-    optimizer = adamw(raw_model, args, device)
-    start_epoch, step, _ = resume(args, raw_model, optimizer)
-    model = torch.compile(raw_model) if args.compile else raw_model
-    model = wrap_ddp(model, device, world_size)
-    if rank == 0:
-        print(f'{args.model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M params, '
-              f'{len(dataset)} images, effective batch {eff_batch}, lr {args.lr:.3g}, '
-              f'mff_layers {raw_model.mff_layers or "off"}, from epoch {start_epoch}', flush=True)
+    model, loader, sampler, optimizer, start_epoch, step = prepare_training(
+        args, raw_model, dataset, rank, world_size, device, f'mff_layers {raw_model.mff_layers or "off"}')
     last_ckpt = None
-    for epoch in range(start_epoch, args.epochs):
-        seed_epoch(args.seed, epoch, rank)
-        sampler.set_epoch(epoch)
+    for epoch in epochs(args, sampler, rank, start_epoch):
         step, loss, speed = train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank,
                                             world_size, last_ckpt)
         if rank == 0:                                                    # rank 0 alone writes

@@ -15,18 +15,16 @@ under `target_encoder.`, the decoders under `pixel_decoder.` and `latent_decoder
     python pilamim.py --preset laptop                             # built-in data, CPU, a few minutes
     torchrun --nproc_per_node=8 pilamim.py --epochs 800 --data_path /imagenet
 """
-import os
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (VIT_SIZES, Block, InputError, LayerNorm, LossTracker, ViTEncoder, adamw, autocast,
-                    build_dataset, encoder_state_dict, init_distributed, init_weights, log_epoch, lr_at,
-                    make_loader, no_sync_unless, patchify, progress, random_masking, resume, run,
-                    save_training_state, scale_lr, seed_epoch, set_lr, sincos_pos_embed_2d, train_transform,
-                    wrap_ddp)
+from common import (Block, InputError, LayerNorm, LossTracker, VIT_SIZES, ViTEncoder, autocast, build_dataset,
+                    encoder_state_dict, epochs, init_distributed, init_weights, log_epoch, lr_at, no_sync_unless,
+                    patchify, prepare_training, progress, random_masking, run, save_training_state, set_lr,
+                    sincos_pos_embed_2d, train_transform)
 from mae_mff import MODELS, MultiLevelFusion, parse_mff_layers
 from mae_mff import get_args_parser as mae_args_parser
 
@@ -188,27 +186,16 @@ def train_one_epoch(model, raw_model, loader, optimizer, device, epoch, step, to
 
 def main(args):
     rank, world_size, device = init_distributed()
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)
-    raw_model = build_model(args).to(device)
+    raw_model = build_model(args).to(device)                             # target encoder: no grad, not optimised
     dataset = build_dataset(args, 'train', train_transform(args.input_size, args.crop))
-    loader, sampler = make_loader(dataset, args.batch_size, rank, world_size, args.num_workers,
-                                   seed=args.seed, accum_iter=args.accum_iter)
-    eff_batch = scale_lr(args, world_size)
-    optimizer = adamw(raw_model, args, device)                           # target params: no grad, skipped
-    start_epoch, step, _ = resume(args, raw_model, optimizer)           # restores target encoder + step
+    model, loader, sampler, optimizer, start_epoch, step = prepare_training(   # restores target encoder + step
+        args, raw_model, dataset, rank, world_size, device, f'target encoder included, cls loss '
+        f'{"on" if raw_model.cls_loss else "off"}, latent target {args.latent_target}, '
+        f'mff_layers {raw_model.mff_layers or "off"}')
     total_steps = args.epochs * (len(loader) // args.accum_iter)         # momentum schedule length
-    model = wrap_ddp(torch.compile(raw_model) if args.compile else raw_model, device, world_size)
-    if rank == 0:
-        print(f'{args.model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M params (target '
-              f'encoder included), {len(dataset)} images, effective batch {eff_batch}, lr {args.lr:.3g}, '
-              f'cls loss {"on" if raw_model.cls_loss else "off"}, latent target {args.latent_target}, '
-              f'mff_layers {raw_model.mff_layers or "off"}, from epoch {start_epoch} (step {step})', flush=True)
     last_ckpt = None
-    for epoch in range(start_epoch, args.epochs):
-        seed_epoch(args.seed, epoch, rank)
-        sampler.set_epoch(epoch)
+    for epoch in epochs(args, sampler, rank, start_epoch):
         step, losses, speed = train_one_epoch(model, raw_model, loader, optimizer, device, epoch, step,
                                               total_steps, args, rank, world_size, last_ckpt)
         if rank == 0:

@@ -13,14 +13,13 @@ switches; `--mff_layers none` gives plain PixMIM.
     python pixmim_mff.py --preset laptop                          # built-in data, CPU, a few minutes
     torchrun --nproc_per_node=8 pixmim_mff.py --epochs 800 --data_path /imagenet
 """
-import os
 import time
 
 import torch
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, InputError, LossTracker, adamw, autocast, build_dataset,
-                    init_distributed, log_epoch, lr_at, make_loader, no_sync_unless, progress, resume, run,
-                    save_training_state, scale_lr, seed_epoch, set_lr, train_transform, wrap_ddp)
+from common import (IMAGENET_MEAN, IMAGENET_STD, InputError, LossTracker, autocast, build_dataset, epochs,
+                    init_distributed, log_epoch, lr_at, no_sync_unless, prepare_training, progress, run,
+                    save_training_state, set_lr, train_transform)
 from mae_mff import PRESETS as MAE_PRESETS
 from mae_mff import build_model, get_args_parser as mae_args_parser
 
@@ -105,26 +104,14 @@ def main(args):
     rank, world_size, device = init_distributed()
     if lpf_radius(args) <= 0:
         raise InputError(f'--lpf_radius {args.lpf_radius} must be positive (40 at 224 px keeps the low band)')
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)
     raw_model = build_model(args).to(device)
     dataset = build_dataset(args, 'train', train_transform(args.input_size, args.crop))
-    loader, sampler = make_loader(dataset, args.batch_size, rank, world_size, args.num_workers,
-                                   seed=args.seed, accum_iter=args.accum_iter)
-    eff_batch = scale_lr(args, world_size)
-    optimizer = adamw(raw_model, args, device)
-    start_epoch, step, _ = resume(args, raw_model, optimizer)
-    model = wrap_ddp(torch.compile(raw_model) if args.compile else raw_model, device, world_size)
-    if rank == 0:
-        print(f'{args.model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M params, '
-              f'{len(dataset)} images, effective batch {eff_batch}, lr {args.lr:.3g}, low-pass radius '
-              f'{lpf_radius(args):.3g} px, crop {args.crop}, mff_layers {raw_model.mff_layers or "off"}, '
-              f'from epoch {start_epoch}', flush=True)
+    model, loader, sampler, optimizer, start_epoch, step = prepare_training(
+        args, raw_model, dataset, rank, world_size, device, f'low-pass radius {lpf_radius(args):.3g} px, crop '
+        f'{args.crop}, mff_layers {raw_model.mff_layers or "off"}')
     last_ckpt = None
-    for epoch in range(start_epoch, args.epochs):
-        seed_epoch(args.seed, epoch, rank)
-        sampler.set_epoch(epoch)
+    for epoch in epochs(args, sampler, rank, start_epoch):
         step, loss, speed = train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank,
                                             world_size, last_ckpt)
         if rank == 0:
