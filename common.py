@@ -33,7 +33,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------
-# ViT encoder (SPEC §1). Parameter names match the official MAE checkpoints and timm's
+# ViT encoder (MAE, He et al. 2022). Parameter names match the official MAE checkpoints and timm's
 # VisionTransformer, so weights move between the three without renaming.
 
 VIT_SIZES = {
@@ -92,7 +92,7 @@ def unpatchify(x, p, h=None, w=None, channels=3):
 
 
 def random_masking(n, L, mask_ratio, device, noise=None):
-    """Per-sample random masking by sorting uniform noise (SPEC §1; same masks as official MAE).
+    """Per-sample random masking by sorting uniform noise (the same masks as official MAE for a given seed).
 
     Returns ids_keep (N, K) with K = int(L * (1 - mask_ratio)), mask (N, L) with 1 = removed,
     0 = kept, in the original patch order, and ids_restore (N, L) that undoes the shuffle.

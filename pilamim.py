@@ -1,4 +1,4 @@
-"""PiLaMIM: pixel + latent masked image modeling with a [cls] target (Lee et al., 2025; SPEC §4).
+"""PiLaMIM: pixel + latent masked image modeling with a [cls] target (Lee et al., 2025).
 
 A context encoder sees the visible 25% of patches (+ cls); two decoders read its output: a pixel
 decoder (MAE's target) and a latent decoder that predicts the features an EMA target encoder

@@ -1,6 +1,6 @@
 """PixMIM with multi-level feature fusion (PixMIM: Liu et al., TMLR 2024; MFF: Liu et al., ICCV 2023).
 
-PixMIM changes exactly two things in MAE (SPEC §3); everything else, the MFF encoder included, is
+PixMIM changes exactly two things in MAE; everything else, the MFF encoder included, is
 mae_mff.py's MaskedAutoencoder, imported unchanged:
 
   1. the reconstruction target is the low-frequency part of the image: an ideal circular low-pass
@@ -38,7 +38,7 @@ def ideal_low_pass(x, radius):
     M is the ideal circular mask (i - (H-1)/2)^2 + (j - (W-1)/2)^2 <= r^2 on the shifted spectrum
     (the reference's centre, half a pixel off the zero frequency for even sizes). Unlike the
     reference code we undo the shift before the inverse FFT; as the absolute value is taken, this
-    differs from the reference only through that half-pixel offset (SPEC §3).
+    differs from the reference only through that half-pixel offset.
     """
     H, W = x.shape[-2:]
     spec = torch.fft.fftshift(torch.fft.fft2(x.float()), dim=(-2, -1))  # (N, C, H, W) complex, DC at centre

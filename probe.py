@@ -1,7 +1,7 @@
 """Frozen-encoder evaluation of any checkpoint: linear probe ([cls] / mean / Selective Aggregation) and k-NN.
 
 The encoder never trains: it is frozen, in eval mode, and only a pooling + BatchNorm + Linear head
-learns on top of it (SPEC §5). Without augmentation the features are computed once and cached, so
+learns on top of it (MAE's linear-probe protocol). Without augmentation the features are computed once and cached, so
 an epoch of head training costs a pass over a tensor instead of a pass through the ViT.
 
     python probe.py --checkpoint output/mae_mff_laptop/checkpoint-last.pth           # built-in data, [cls]
@@ -372,8 +372,9 @@ def get_args_parser():
       help='re-encode every batch with RandomResizedCrop + flip (the MAE recipe; default with --data_path)')
     a('--no_aug', dest='aug', action='store_const', const=False,
       help='encode once and train on cached features, >= 10x faster (default for built-in data and k-NN)')
-    a('--batch_size', type=int, default=256, help='per process; SPEC: 16384 in all (the cached path copes on 1 GPU)')
-    a('--epochs', type=int, default=None, help='default 90 (SPEC; PiLaMIM 100), 30 on built-in data')
+    a('--batch_size', type=int, default=256,
+      help='per process; the MAE recipe uses 16384 in all (the cached path copes on 1 GPU)')
+    a('--epochs', type=int, default=None, help='default 90 (MAE; PiLaMIM uses 100), 30 on built-in data')
     a('--warmup_epochs', type=int, default=None, help='default 10, 3 on built-in data')
     a('--blr', type=float, default=None, help='base lr x batch / 256; default 0.1 (PiLaMIM uses 3), 30 on built-in data')
     a('--lr', type=float, default=None, help='absolute lr; overrides --blr')

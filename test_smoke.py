@@ -111,7 +111,7 @@ def test_official_mae_state_dict_loads_strictly_and_loss_matches_reference():
     other = MaskedAutoencoder(**TINY, norm_pix_loss=True)
     other.load_state_dict(model.state_dict(), strict=True)
 
-    # The official forward, step by step (SPEC §1), against ours with the same seed.
+    # The official forward, step by step, against ours with the same seed.
     imgs = torch.randn(3, 3, 16, 16)
     torch.manual_seed(7)
     loss, pred, mask = model(imgs, 0.75)
