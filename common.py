@@ -365,7 +365,7 @@ def autocast(device):
 # Optimisation: lr scaling, warmup + cosine, AdamW parameter groups.
 
 def scale_lr(args, world_size):
-    """MAE rule: lr = blr * effective batch / 256, unless --lr is given. Sets args.lr, returns it."""
+    """MAE rule: lr = blr * effective batch / 256, unless --lr is given. Sets args.lr; -> effective batch."""
     eff_batch = args.batch_size * args.accum_iter * world_size
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256
@@ -382,7 +382,7 @@ def lr_at(epoch, args):
 
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
-        group['lr'] = lr * group.get('lr_scale', 1.0)
+        group['lr'] = lr
 
 
 NO_DECAY_NAMES = ('cls_token', 'pos_embed', 'mask_token', 'decoder_pos_embed')

@@ -143,6 +143,34 @@ class MaskedAutoencoder(ViTEncoder):
         return loss, pred, mask
 
 
+def mae_vit(size, patch_size=16, **kwargs):
+    """MaskedAutoencoder of a standard ViT size with the MAE decoder (512 wide, 8 deep, 16 heads);
+    MFF on the paper's levels for that depth unless mff_layers is given (() = plain MAE)."""
+    kwargs.setdefault('mff_layers', paper_mff_layers(VIT_SIZES[size]['depth']))
+    return MaskedAutoencoder(patch_size=patch_size, **VIT_SIZES[size], **kwargs)
+
+
+def mae_vit_tiny_patch16(**kwargs):
+    return mae_vit('tiny', 16, **kwargs)
+
+
+def mae_vit_small_patch16(**kwargs):
+    return mae_vit('small', 16, **kwargs)
+
+
+def mae_vit_base_patch16(**kwargs):
+    return mae_vit('base', 16, **kwargs)
+
+
+def mae_vit_large_patch16(**kwargs):
+    return mae_vit('large', 16, **kwargs)
+
+
+def mae_vit_huge_patch14(**kwargs):
+    return mae_vit('huge', 14, **kwargs)
+
+
+# --model names: every size with patch 14 or 16 (--patch_size overrides the name's patch).
 MODELS = {f'mae_vit_{size}_patch{p}': (size, p) for size in VIT_SIZES for p in (14, 16)}
 
 
@@ -165,8 +193,8 @@ def build_model(args):
         raise InputError(f"unknown --model '{args.model}': choose one of {', '.join(MODELS)}")
     size, patch = MODELS[args.model]
     layers = parse_mff_layers(args.mff_layers, VIT_SIZES[size]['depth'])
-    return MaskedAutoencoder(
-        img_size=args.input_size, patch_size=args.patch_size or patch, **VIT_SIZES[size],
+    return mae_vit(
+        size, args.patch_size or patch, img_size=args.input_size,
         decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
         decoder_num_heads=args.decoder_num_heads, norm_pix_loss=args.norm_pix_loss,
         mff_layers=layers, mff_proj=args.mff_proj, mff_fusion=args.mff_fusion, mff_detach=args.mff_detach)

@@ -155,6 +155,12 @@ def test_loss_ignores_visible_patches():
     assert model.forward_loss(imgs, masked, mask) > base + 1
 
 
+def test_factories_default_to_the_paper_levels():
+    model = mae_mff.mae_vit_tiny_patch16(img_size=32, decoder_depth=1)
+    assert model.mff_layers == [0, 2, 4, 6, 8, 11] and model.patch_size == 16 and len(model.blocks) == 12
+    assert mae_mff.mae_vit_tiny_patch16(img_size=32, mff_layers=()).mff is None
+
+
 def test_paper_mff_layers():
     assert paper_mff_layers(12) == [0, 2, 4, 6, 8, 11]
     for depth in (4, 24, 32):
