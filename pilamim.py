@@ -12,7 +12,7 @@ them), and the target encoder starts as a copy of the context encoder (as the pa
 The context encoder keeps the top-level timm names (probe.py loads it); the target encoder is
 under `target_encoder.`, the decoders under `pixel_decoder.` and `latent_decoder.`.
 
-    python pilamim.py --preset laptop                             # built-in data, CPU, a few minutes
+    python pilamim.py --preset laptop                             # built-in data, CPU, ~5 minutes
     torchrun --nproc_per_node=8 pilamim.py --epochs 800 --data_path /imagenet
 """
 import time

@@ -10,7 +10,7 @@ mae_mff.py's MaskedAutoencoder, imported unchanged:
 norm_pix_loss stays on (applied to the filtered target). MFF is on by default with mae_mff.py's
 switches; `--mff_layers none` gives plain PixMIM.
 
-    python pixmim_mff.py --preset laptop                          # built-in data, CPU, a few minutes
+    python pixmim_mff.py --preset laptop                          # built-in data, CPU, ~2.5 minutes
     torchrun --nproc_per_node=8 pixmim_mff.py --epochs 800 --data_path /imagenet
 """
 import time
