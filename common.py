@@ -109,6 +109,30 @@ def random_masking(n, L, mask_ratio, device, noise=None):
     return ids_keep, mask, ids_restore
 
 
+def restore_order(x, mask_token, ids_restore):
+    """Decoder input: visible tokens (N, 1 + K, D) plus mask tokens -> (N, 1 + L, D), cls first,
+    patches back in their original order (ids_restore undoes the masking shuffle)."""
+    n, L = ids_restore.shape
+    x_ = torch.cat([x[:, 1:], mask_token.expand(n, L + 1 - x.shape[1], -1)], dim=1)  # shuffled order
+    x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[2]))     # original order
+    return torch.cat([x[:, :1], x_], dim=1)
+
+
+def pixel_targets(imgs, patch_size, norm_pix):
+    """Reconstruction target (N, L, p*p*C); norm_pix standardises each patch (unbiased var, eps 1e-6)."""
+    target = patchify(imgs, patch_size)
+    if norm_pix:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.e-6) ** .5
+    return target
+
+
+def masked_mse(pred, target, mask):
+    """Per-patch MSE (N, L), averaged over the masked patches only (mask 1 = removed); fp32."""
+    loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)
+    return (loss * mask).sum() / mask.sum()
+
+
 def init_weights(module):
     """MAE init: xavier-uniform Linear (zero bias), unit LayerNorm; pass to Module.apply."""
     if isinstance(module, nn.Linear):

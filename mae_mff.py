@@ -18,9 +18,10 @@ import torch
 import torch.nn as nn
 
 from common import (Block, InputError, LayerNorm, LossTracker, VIT_SIZES, ViTEncoder, add_common_args, autocast,
-                    build_dataset, epochs, init_distributed, init_weights, log_epoch, lr_at, no_sync_unless,
-                    patchify, prepare_training, progress, random_masking, run, save_training_state, set_lr,
-                    sincos_pos_embed_2d, train_transform, unpatchify)
+                    build_dataset, epochs, init_distributed, init_weights, log_epoch, lr_at, masked_mse,
+                    no_sync_unless, patchify, pixel_targets, prepare_training, progress, random_masking,
+                    restore_order, run, save_training_state, set_lr, sincos_pos_embed_2d, train_transform,
+                    unpatchify)
 
 
 def paper_mff_layers(depth):
@@ -31,8 +32,13 @@ def paper_mff_layers(depth):
 class MultiLevelFusion(nn.Module):
     """Project the shallow levels (Eq. 3) and fuse all levels (Eq. 4, or Eq. 5 with fusion='attn')."""
 
-    def __init__(self, dim, num_levels, num_heads, proj='linear', fusion='weighted', detach_shallow=False):
+    def __init__(self, dim, layers, depth, num_heads, proj='linear', fusion='weighted', detach_shallow=False):
         super().__init__()
+        self.layers = sorted(set(layers))                                # block indices, deepest last
+        if self.layers[0] < 0 or self.layers[-1] != depth - 1:
+            raise InputError(f'mff_layers {list(layers)} must lie in 0..{depth - 1} and end at the last '
+                             f'block {depth - 1}, e.g. {paper_mff_layers(depth)}')
+        num_levels = len(self.layers)
         if proj not in ('linear', 'mlp', 'none') or fusion not in ('weighted', 'attn'):
             raise InputError(f"MFF projection '{proj}' / fusion '{fusion}' unknown: use "
                              "linear|mlp|none and weighted|attn")
@@ -45,10 +51,16 @@ class MultiLevelFusion(nn.Module):
             self.fusion_logits = nn.Parameter(torch.ones(num_levels))   # equal weights at start
         else:
             self.fusion_attn = Block(dim, num_heads, qkv_bias=True, norm_layer=LayerNorm)
+        self.apply(init_weights)                                         # xavier projections, zero bias
 
     def weights(self):
         """Softmaxed fusion weights (shallow ... last), or None for attention fusion."""
         return self.fusion_logits.softmax(0) if hasattr(self, 'fusion_logits') else None
+
+    def logged_weights(self):
+        """The weights as a short list for the log (None for attention fusion)."""
+        w = self.weights()
+        return None if w is None else [round(v, 4) for v in w.tolist()]
 
     def forward(self, levels):                                           # list of (N, T, D), deepest last
         feats = [p(x.detach() if self.detach_shallow else x) for p, x in zip(self.proj, levels[:-1])]  # Eq. 3
@@ -70,12 +82,9 @@ class MaskedAutoencoder(ViTEncoder):
                  mff_detach=False):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio)
         self.in_chans, self.norm_pix_loss = in_chans, norm_pix_loss
-        self.mff_layers = sorted(set(mff_layers))
-        if self.mff_layers and (self.mff_layers[0] < 0 or self.mff_layers[-1] != depth - 1):
-            raise InputError(f'mff_layers {list(mff_layers)} must lie in 0..{depth - 1} and end at the last '
-                             f'block {depth - 1}, e.g. {paper_mff_layers(depth)}')
-        self.mff = (MultiLevelFusion(embed_dim, len(self.mff_layers), num_heads, mff_proj, mff_fusion, mff_detach)
-                    if self.mff_layers else None)
+        self.mff = (MultiLevelFusion(embed_dim, mff_layers, depth, num_heads, mff_proj, mff_fusion, mff_detach)
+                    if len(mff_layers) else None)
+        self.mff_layers = self.mff.layers if self.mff is not None else []
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
@@ -87,9 +96,8 @@ class MaskedAutoencoder(ViTEncoder):
             for _ in range(decoder_depth)])
         self.decoder_norm = LayerNorm(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
-        for m in [self.mff, self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
-            if m is not None:
-                m.apply(init_weights)
+        for m in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
+            m.apply(init_weights)
         nn.init.normal_(self.mask_token, std=.02)
 
     def patchify(self, imgs):
@@ -99,8 +107,7 @@ class MaskedAutoencoder(ViTEncoder):
         return unpatchify(x, self.patch_size, channels=self.in_chans)
 
     def fusion_weights(self):
-        w = self.mff.weights() if self.mff is not None else None
-        return None if w is None else [round(v, 4) for v in w.tolist()]
+        return self.mff.logged_weights() if self.mff is not None else None
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         """-> latent (N, 1 + K, D) after the final norm, mask (N, L), ids_restore (N, L)."""
@@ -117,23 +124,14 @@ class MaskedAutoencoder(ViTEncoder):
     def forward_decoder(self, x, ids_restore):
         """latent (N, 1 + K, D) -> per-patch pixel predictions (N, L, p*p*C)."""
         x = self.decoder_embed(x)                                        # (N, 1 + K, Dd)
-        n, L = ids_restore.shape
-        mask_tokens = self.mask_token.expand(n, L + 1 - x.shape[1], -1)
-        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)                   # (N, L, Dd), shuffled order
-        x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[2]))  # original order
-        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed
+        x = restore_order(x, self.mask_token, ids_restore) + self.decoder_pos_embed  # (N, 1 + L, Dd)
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]           # drop cls
 
     def forward_loss(self, imgs, pred, mask):
         """MSE on masked patches only; with norm_pix_loss each target patch is standardised."""
-        target = self.patchify(imgs)                                     # (N, L, p*p*C)
-        if self.norm_pix_loss:
-            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.e-6) ** .5
-        loss = ((pred.float() - target) ** 2).mean(dim=-1)               # (N, L) per-patch loss
-        return (loss * mask).sum() / mask.sum()
+        return masked_mse(pred, pixel_targets(imgs, self.patch_size, self.norm_pix_loss), mask)
 
     def forward(self, imgs, mask_ratio=0.75, target_imgs=None, noise=None):
         """-> (loss, pred, mask). target_imgs replaces imgs as the reconstruction target (PixMIM)."""

@@ -22,9 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (Block, InputError, LayerNorm, LossTracker, VIT_SIZES, ViTEncoder, autocast, build_dataset,
-                    encoder_state_dict, epochs, init_distributed, init_weights, log_epoch, lr_at, no_sync_unless,
-                    patchify, prepare_training, progress, random_masking, run, save_training_state, set_lr,
-                    sincos_pos_embed_2d, train_transform)
+                    encoder_state_dict, epochs, init_distributed, init_weights, log_epoch, lr_at, masked_mse,
+                    no_sync_unless, pixel_targets, prepare_training, progress, random_masking, restore_order, run,
+                    save_training_state, set_lr, sincos_pos_embed_2d, train_transform)
 from mae_mff import MODELS, MultiLevelFusion, parse_mff_layers
 from mae_mff import get_args_parser as mae_args_parser
 
@@ -46,19 +46,10 @@ class Decoder(nn.Module):
 
     def forward(self, x, ids_restore):
         """x (N, 1 + K, D) -> (N, 1 + L, out_dim): cls first, patches in the ORIGINAL order."""
-        x = self.decoder_embed(x)
-        n, L = ids_restore.shape
-        x_ = torch.cat([x[:, 1:], self.mask_token.expand(n, L + 1 - x.shape[1], -1)], dim=1)  # shuffled
-        x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[2]))           # original
-        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed
+        x = restore_order(self.decoder_embed(x), self.mask_token, ids_restore) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))
-
-
-def masked_mse(pred, target, mask):
-    """Per-patch MSE (N, L) averaged over masked patches (mask 1 = removed)."""
-    return ((pred.float() - target.float()) ** 2).mean(-1).mul(mask).sum() / mask.sum()
 
 
 class PiLaMIM(ViTEncoder):
@@ -76,21 +67,16 @@ class PiLaMIM(ViTEncoder):
         self.target_encoder = ViTEncoder(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio)
         self.target_encoder.load_state_dict(encoder_state_dict(self.state_dict()))
         self.target_encoder.requires_grad_(False)
-        self.mff_layers = sorted(set(mff_layers))                        # MFF for the pixel path only
-        if self.mff_layers and (self.mff_layers[0] < 0 or self.mff_layers[-1] != depth - 1):
-            raise InputError(f'mff_layers {list(mff_layers)} must lie in 0..{depth - 1} and end at {depth - 1}')
-        self.mff = (MultiLevelFusion(embed_dim, len(self.mff_layers), num_heads, mff_proj, mff_fusion, mff_detach)
-                    if self.mff_layers else None)
-        if self.mff is not None:
-            self.mff.apply(init_weights)
+        self.mff = (MultiLevelFusion(embed_dim, mff_layers, depth, num_heads, mff_proj, mff_fusion, mff_detach)
+                    if len(mff_layers) else None)                        # MFF for the pixel path only
+        self.mff_layers = self.mff.layers if self.mff is not None else []
         grid = img_size // patch_size
         dec = dict(grid=grid, dim=decoder_embed_dim, depth=decoder_depth, num_heads=decoder_num_heads)
         self.pixel_decoder = Decoder(embed_dim, patch_size ** 2 * in_chans, **dec)
         self.latent_decoder = Decoder(embed_dim, embed_dim, **dec)
 
     def fusion_weights(self):
-        w = self.mff.weights() if self.mff is not None else None
-        return None if w is None else [round(v, 4) for v in w.tolist()]
+        return self.mff.logged_weights() if self.mff is not None else None
 
     @torch.no_grad()
     def target_features(self, imgs):
@@ -116,11 +102,7 @@ class PiLaMIM(ViTEncoder):
         pred_pix = self.pixel_decoder(pixel_in, ids_restore)[:, 1:]     # (N, L, p*p*C)
         pred_lat = self.latent_decoder(latent, ids_restore)             # (N, 1 + L, D)
         # L_pixel: MAE loss on masked patches (optionally norm_pix).
-        target_pix = patchify(imgs, self.patch_size)
-        if self.norm_pix_loss:
-            mean, var = target_pix.mean(-1, keepdim=True), target_pix.var(-1, keepdim=True)
-            target_pix = (target_pix - mean) / (var + 1.e-6) ** .5
-        l_pix = masked_mse(pred_pix, target_pix, mask)
+        l_pix = masked_mse(pred_pix, pixel_targets(imgs, self.patch_size, self.norm_pix_loss), mask)
         # L_latent and L_cls: prediction i is paired with the target of patch i (both original order).
         target_lat = self.target_features(imgs)                          # (N, 1 + L, D), no grad
         l_lat = masked_mse(pred_lat[:, 1:], target_lat[:, 1:], mask)
