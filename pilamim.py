@@ -9,10 +9,10 @@ computes from the whole image, [cls] included (I-JEPA-like target):
 
 Unlike the public code, the targets stay in the original patch order (its target pass shuffles
 them), and the target encoder starts as a copy of the context encoder (as the paper says).
-Followed from the public code although the paper does not state it: no qkv bias, no norm before
-the decoder heads, weight decay on every parameter (`--wd_rule all`), the per-epoch schedule
-(`--lr_schedule epoch`). Kept from the MAE frame for interoperability: fixed sin-cos position
-tables with a cls row and LayerNorm eps 1e-6 (timm's ViT; the README says why).
+Followed from the public code although the paper does not state it: no qkv bias, learned decoder
+position embeddings without a cls position, no norm before the decoder heads, weight decay on every parameter (`--wd_rule all`), the per-epoch schedule
+(`--lr_schedule epoch`). Kept from the MAE frame for interoperability: the encoders' fixed sin-cos
+position table with a cls row and LayerNorm eps 1e-6 (timm's ViT; the README says why).
 The context encoder keeps the top-level timm names (probe.py loads it); the target encoder is
 under `target_encoder.`, the decoders under `pixel_decoder.` and `latent_decoder.`.
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from common import (Block, InputError, LayerNorm, LossTracker, VIT_SIZES, ViTEncoder, autocast, build_dataset,
                     encoder_state_dict, epochs, init_distributed, init_weights, log_epoch, lr_at, masked_mse,
                     no_sync_unless, pixel_targets, prepare_training, progress, random_masking, restore_order, run,
-                    save_training_state, set_lr, sincos_pos_embed_2d, train_transform, use_recipe)
+                    save_training_state, set_lr, train_transform, use_recipe)
 from mae_mff import MODELS, MultiLevelFusion, parse_mff_layers
 from mae_mff import get_args_parser as mae_args_parser
 
@@ -37,24 +37,27 @@ from mae_mff import get_args_parser as mae_args_parser
 class Decoder(nn.Module):
     """MAE-style decoder with its own input projection, mask token, position embedding and head.
 
-    As in the public code: no qkv bias, and no norm before the head (the blocks are pre-norm, so
-    the last block's residual stream goes straight to decoder_pred).
+    As in the public code (nothing downstream loads the decoders): a learned position embedding
+    (trunc_normal 0.02) with no cls position, no qkv bias, and no norm before the head (the blocks
+    are pre-norm, so the last block's residual stream goes straight to decoder_pred).
     """
 
     def __init__(self, in_dim, out_dim, grid, dim=384, depth=6, num_heads=12, mlp_ratio=4.):
         super().__init__()
         self.decoder_embed = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed_2d(dim, grid)[None], requires_grad=False)
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, grid * grid, dim))   # patches only
         self.decoder_blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=False, norm_layer=LayerNorm)
                                              for _ in range(depth)])
         self.decoder_pred = nn.Linear(dim, out_dim)
         self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=.02)
+        nn.init.trunc_normal_(self.decoder_pos_embed, std=.02)
 
     def forward(self, x, ids_restore):
         """x (N, 1 + K, D) -> (N, 1 + L, out_dim): cls first, patches in the ORIGINAL order."""
-        x = restore_order(self.decoder_embed(x), self.mask_token, ids_restore) + self.decoder_pos_embed
+        x = restore_order(self.decoder_embed(x), self.mask_token, ids_restore)   # (N, 1 + L, dim)
+        x = torch.cat([x[:, :1], x[:, 1:] + self.decoder_pos_embed], dim=1)      # cls gets no position
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(x)

@@ -7,8 +7,8 @@ an epoch of head training costs a pass over a tensor instead of a pass through t
     python probe.py --checkpoint output/mae_mff_laptop/checkpoint-last.pth           # built-in data, [cls]
     python probe.py --checkpoint ... --pool abmilp                                    # Selective Aggregation
     python probe.py --checkpoint ... --knn                                            # k-NN, no training
-    torchrun --nproc_per_node=8 probe.py --checkpoint mae_pretrain_vit_base.pth --data_path /imagenet \\
-        --batch_size 2048 --aug                                                       # the MAE recipe
+    torchrun --nproc_per_node=8 probe.py --checkpoint mae_pretrain_vit_base.pth --data_path /imagenet
+        # the MAE recipe by default: 2048 per GPU x accum_iter 1 x 8 GPUs = 16384, re-encoding (--aug)
 
 Sections: encoder loading -> pooling heads -> features/cache -> k-NN -> training loop -> CLI.
 """

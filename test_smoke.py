@@ -558,7 +558,7 @@ def test_decoder_returns_original_patch_order():
     for n in range(2):
         for k in range(4):
             pos = ids_keep[n, k] + 1
-            ref = dec.decoder_pred(dec.decoder_embed(x[n, k + 1]) + dec.decoder_pos_embed[0, pos])   # no norm
+            ref = dec.decoder_pred(dec.decoder_embed(x[n, k + 1]) + dec.decoder_pos_embed[0, pos - 1])  # no norm
             assert torch.allclose(out[n, pos], ref, atol=1e-5)
 
 
@@ -883,6 +883,7 @@ def test_pilamim_follows_the_public_code_and_still_loads_downstream(tmp_path):
     model = tiny_pilamim(img_size=32, embed_dim=64)
     keys = model.state_dict().keys()
     assert not any(k.endswith('qkv.bias') for k in keys) and not any('decoder_norm' in k for k in keys)
+    assert model.pixel_decoder.decoder_pos_embed.shape == (1, 64, 32) and model.pixel_decoder.decoder_pos_embed.requires_grad
     path = str(tmp_path / 'pilamim.pth')
     save_checkpoint({'model': model.state_dict(), 'args': {'model': 'x'}}, path)
     encoder = probe.load_encoder(path, probe_args('--checkpoint', path, '--num_heads', '2'))
