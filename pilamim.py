@@ -10,9 +10,10 @@ computes from the whole image, [cls] included (I-JEPA-like target):
 Unlike the public code, the targets stay in the original patch order (its target pass shuffles
 them), and the target encoder starts as a copy of the context encoder (as the paper says).
 Followed from the public code although the paper does not state it: no qkv bias, learned decoder
-position embeddings without a cls position, no norm before the decoder heads, weight decay on every parameter (`--wd_rule all`), the per-epoch schedule
-(`--lr_schedule epoch`). Kept from the MAE frame for interoperability: the encoders' fixed sin-cos
-position table with a cls row and LayerNorm eps 1e-6 (timm's ViT; the README says why).
+position embeddings without a cls position, no norm before the decoder heads, weight decay on
+every parameter (`--wd_rule all`), the per-epoch schedule (`--lr_schedule epoch`). Kept from the
+MAE frame for interoperability: the encoders' fixed sin-cos position table with a cls row and
+LayerNorm eps 1e-6 (timm's ViT; the README says why).
 The context encoder keeps the top-level timm names (probe.py loads it); the target encoder is
 under `target_encoder.`, the decoders under `pixel_decoder.` and `latent_decoder.`.
 
