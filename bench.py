@@ -62,7 +62,7 @@ def bench_step(make, loss_fn, after_step, device, imgs, steps, warmup, compile_m
     torch.manual_seed(0)
     raw = make().to(device).train()
     model = torch.compile(raw) if compile_model else raw
-    optimizer = adamw(raw, argparse.Namespace(weight_decay=0.05, lr=1e-4), device)
+    optimizer = adamw(raw, argparse.Namespace(weight_decay=0.05, wd_rule='mmpretrain', lr=1e-4), device)
 
     def step(i):
         loss_fn(model, imgs).backward()
@@ -101,7 +101,7 @@ def bench_probe_cache(device, steps, size='tiny', img_size=32, patch_size=4, bat
     figures = {}
     for pool in pools:
         with torch.no_grad(), autocast(device):
-            feats = probe.features(encoder, imgs, pool, encoder.depth - 1).float()
+            feats = probe.features(encoder, imgs, pool, encoder.depth - 1, pool != 'abmilp').float()
         cache = (feats.repeat(steps, *[1] * (feats.ndim - 1)), labels.repeat(steps))   # steps x batch entries
         val = (feats[:1], labels[:1])
         with tempfile.TemporaryDirectory() as out:

@@ -148,7 +148,7 @@ class ViTEncoder(nn.Module):
     """Pre-norm ViT with a [cls] token and a fixed sin-cos position embedding (timm key names)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24,
-                 num_heads=16, mlp_ratio=4., drop_path_rate=0.):
+                 num_heads=16, mlp_ratio=4., drop_path_rate=0., qkv_bias=True):
         super().__init__()
         if img_size % patch_size:
             raise InputError(f'image size {img_size} is not divisible by patch size {patch_size}: '
@@ -163,7 +163,7 @@ class ViTEncoder(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()          # stochastic depth (fine-tune)
         # timm's Block runs attention through F.scaled_dot_product_attention (flash / mem-efficient).
         self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_layer=LayerNorm)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], norm_layer=LayerNorm)
             for i in range(depth)])
         self.norm = LayerNorm(embed_dim)
         self.apply(init_weights)
@@ -285,12 +285,16 @@ def load_rgb(path):
 
 
 def train_transform(input_size, crop='rrc'):
-    """'rrc': MAE's RandomResizedCrop(0.2, 1); 'simple': PixMIM's resize + padded random crop."""
+    """'rrc': MAE's RandomResizedCrop(0.2, 1), bicubic; 'simple': PixMIM's resize + padded random crop.
+
+    The simple crop resizes with torchvision's default (bilinear) interpolation, as mmselfsup's
+    PixMIM and mmpretrain's MFF configs do: their published numbers come from it.
+    """
     if crop == 'rrc':
         geometry = [transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0),
                                                  interpolation=transforms.InterpolationMode.BICUBIC)]
     elif crop == 'simple':
-        geometry = [transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        geometry = [transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BILINEAR),
                     transforms.RandomCrop(input_size, padding=4, padding_mode='reflect')]
     else:
         raise InputError(f"unknown --crop '{crop}': use 'rrc' or 'simple'")
@@ -409,24 +413,47 @@ def set_lr(optimizer, lr):
         group['lr'] = lr
 
 
-NO_DECAY_NAMES = ('cls_token', 'pos_embed', 'mask_token', 'decoder_pos_embed')
+WD_RULES = ('mae', 'mmpretrain', 'all')
+MMPRETRAIN_NO_DECAY = ('bias', 'pos_embed', 'mask_token', 'cls_token')  # substrings, as mmpretrain matches
 
 
-def param_groups(model, weight_decay):
-    """AdamW groups: no decay for 1-D params (biases, norms, fusion logits) and tokens/pos embeds."""
+def param_groups(model, weight_decay, rule):
+    """AdamW groups by the weight-decay rule of the reference run that produced a method's numbers.
+
+    'mae':        official MAE (timm's old add_weight_decay, no skip list): only 1-D parameters and
+                  biases are exempt, so cls_token and mask_token ARE decayed.
+    'mmpretrain': MFF-MAE, PixMIM, MFF-PixMIM: norms ('ln*' there), biases, pos_embed, mask_token and
+                  cls_token are exempt; everything else is decayed, MFF's fusion logits included.
+    'all':        PiLaMIM's public code: every parameter is decayed.
+    Frozen parameters (the fixed sin-cos tables, PiLaMIM's target encoder) get no group at all.
+    """
+    if rule not in WD_RULES:
+        raise InputError(f"unknown --wd_rule '{rule}': use one of {', '.join(WD_RULES)}")
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or name.endswith(NO_DECAY_NAMES)
+        if rule == 'mae':
+            skip = p.ndim == 1 or name.endswith('.bias')
+        elif rule == 'mmpretrain':
+            skip = id(p) in norms or any(key in name for key in MMPRETRAIN_NO_DECAY)
+        else:
+            skip = False
         (no_decay if skip else decay).append(p)
     return [{'params': no_decay, 'weight_decay': 0.}, {'params': decay, 'weight_decay': weight_decay}]
 
 
 def adamw(model, args, device, betas=(0.9, 0.95)):
     # fused=True: one CUDA kernel for the whole update instead of a loop over parameters.
-    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=betas,
+    return torch.optim.AdamW(param_groups(model, args.weight_decay, args.wd_rule), lr=args.lr, betas=betas,
                              fused=device.type == 'cuda')
+
+
+def use_recipe(args, crop, wd_rule):
+    """Replace --crop / --wd_rule 'auto' by the values of the method's reference run (given by the script)."""
+    args.crop = crop if args.crop == 'auto' else args.crop
+    args.wd_rule = wd_rule if args.wd_rule == 'auto' else args.wd_rule
 
 
 class LossTracker:
@@ -529,6 +556,8 @@ def prepare_training(args, raw_model, dataset, rank, world_size, device, describ
         print(f'{args.model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M params, '
               f'{len(dataset)} images, effective batch {eff_batch}, lr {args.lr:.3g}, {describe}, '
               f'from epoch {start_epoch} (step {step})', flush=True)
+        print(f'recipe: crop {args.crop}, weight decay {args.weight_decay} on the {args.wd_rule} groups '
+              f'(common.param_groups), norm_pix {"on" if args.norm_pix_loss else "off"}', flush=True)
     return model, loader, sampler, optimizer, start_epoch, step
 
 

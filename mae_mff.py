@@ -6,7 +6,10 @@ low-level detail. MFF also feeds projected outputs of shallow blocks to the deco
     O = sum_i w_i * P_i(x_i) + w_last * x_last,   w = softmax(fusion logits)   (Eq. 4)
 
 and the encoder's final LayerNorm is applied to O. With mff_layers=() this file is plain MAE and
-loads the official MAE checkpoints with strict=True.
+loads the official MAE checkpoints with strict=True. The defaults reproduce the run behind each
+method's published numbers (`resolve_recipe`, printed at start-up): MFF-MAE = mmpretrain's MFF config
+(PixMIM's simple crop, mmpretrain's weight-decay groups, fusion logits decayed); `--mff_layers none`
+= official MAE (RandomResizedCrop(0.2, 1), MAE's groups: cls and mask tokens decayed).
 
     python mae_mff.py --preset laptop                          # built-in data, CPU, ~3 minutes
     torchrun --nproc_per_node=8 mae_mff.py --epochs 300 --data_path /imagenet
@@ -17,11 +20,11 @@ import time
 import torch
 import torch.nn as nn
 
-from common import (Block, InputError, LayerNorm, LossTracker, VIT_SIZES, ViTEncoder, add_common_args, autocast,
-                    build_dataset, epochs, init_distributed, init_weights, log_epoch, lr_at, masked_mse,
+from common import (WD_RULES, Block, InputError, LayerNorm, LossTracker, VIT_SIZES, ViTEncoder, add_common_args,
+                    autocast, build_dataset, epochs, init_distributed, init_weights, log_epoch, lr_at, masked_mse,
                     no_sync_unless, patchify, pixel_targets, prepare_training, progress, random_masking,
                     restore_order, run, save_training_state, set_lr, sincos_pos_embed_2d, train_transform,
-                    unpatchify)
+                    unpatchify, use_recipe)
 
 
 def paper_mff_layers(depth):
@@ -48,7 +51,10 @@ class MultiLevelFusion(nn.Module):
         self.proj = nn.ModuleList([make() for _ in range(num_levels - 1)])  # last level used as is
         self.detach_shallow = detach_shallow                             # paper A.8 ablation
         if fusion == 'weighted':
-            self.fusion_logits = nn.Parameter(torch.ones(num_levels))   # equal weights at start
+            # Equal weights at start. Weight-decayed (0.05) like the reference run: mmpretrain stores
+            # them as a (levels, 1, 1, 1) tensor its rule does not exempt; kept 1-D here, and the
+            # 'mmpretrain' rule of common.param_groups (MFF's default) decays them by name.
+            self.fusion_logits = nn.Parameter(torch.ones(num_levels))
         else:
             self.fusion_attn = Block(dim, num_heads, qkv_bias=True, norm_layer=LayerNorm)
         self.apply(init_weights)                                         # xavier projections, zero bias
@@ -66,8 +72,9 @@ class MultiLevelFusion(nn.Module):
         feats = [p(x.detach() if self.detach_shallow else x) for p, x in zip(self.proj, levels[:-1])]  # Eq. 3
         feats.append(levels[-1])
         w = self.weights()
-        if w is not None:                                                # Eq. 4
-            return sum(wi * f for wi, f in zip(w.to(feats[0].dtype), feats))
+        if w is not None:                                                # Eq. 4, in fp32 under autocast
+            # like mmpretrain (its torch.stack promotes): bf16 would round the weights and the sum
+            return sum(wi * f.float() for wi, f in zip(w.float(), feats))   # (N, T, D) float32
         n, t, d = levels[-1].shape                                       # Eq. 5: attend across levels
         stacked = torch.stack(feats, dim=2).reshape(n * t, len(feats), d)
         return self.fusion_attn(stacked)[:, -1].reshape(n, t, d)
@@ -232,14 +239,24 @@ def train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank, w
     return step, tracker.mean(world_size)['loss'], images / (time.time() - start)
 
 
+def resolve_recipe(args):
+    """'auto' flags -> the reference run behind the published numbers: MFF-MAE = mmpretrain's MFF config
+    (simple crop, mmpretrain's weight-decay groups); plain MAE = official MAE (RandomResizedCrop, MAE's groups)."""
+    mff = args.mff_layers != 'none'
+    use_recipe(args, crop='simple' if mff else 'rrc', wd_rule='mmpretrain' if mff else 'mae')
+    return 'MFF-MAE as mmpretrain' if mff else 'MAE as the official code'
+
+
 def main(args):
     """Data, model, optimiser, resume, then epochs with a checkpoint and a log line after each."""
     rank, world_size, device = init_distributed()
+    reference = resolve_recipe(args)
     torch.manual_seed(args.seed)                                         # same init on every rank
     raw_model = build_model(args).to(device)
     dataset = build_dataset(args, 'train', train_transform(args.input_size, args.crop))
     model, loader, sampler, optimizer, start_epoch, step = prepare_training(
-        args, raw_model, dataset, rank, world_size, device, f'mff_layers {raw_model.mff_layers or "off"}')
+        args, raw_model, dataset, rank, world_size, device,
+        f'{reference}, mff_layers {raw_model.mff_layers or "off"}')
     last_ckpt = None
     for epoch in epochs(args, sampler, rank, start_epoch):
         step, loss, speed = train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank,
@@ -270,8 +287,13 @@ def get_args_parser(description=__doc__.split('\n')[0]):
     a('--mff_proj', default='linear', choices=['linear', 'mlp', 'none'], help='projection of shallow levels')
     a('--mff_fusion', default='weighted', choices=['weighted', 'attn'], help='Eq. 4 (weighted) or Eq. 5 (attn)')
     a('--mff_detach', action='store_true', help='no gradient into shallow blocks through the fusion (A.8)')
-    a('--crop', default='rrc', choices=['rrc', 'simple'],
-      help="rrc: RandomResizedCrop(0.2, 1) as MAE; simple: PixMIM's resize + padded random crop")
+    a('--crop', default='auto', choices=['auto', 'rrc', 'simple'],
+      help="rrc: RandomResizedCrop(0.2, 1), bicubic, as MAE; simple: PixMIM's bilinear resize + padded random "
+           "crop. auto: the method's reference (MFF-MAE, PixMIM: simple; MAE, PiLaMIM: rrc)")
+    a('--wd_rule', default='auto', choices=['auto', *WD_RULES],
+      help="which parameters get weight decay (common.param_groups): mae = all but 1-D and biases; "
+           "mmpretrain = all but norms, biases, pos_embed, mask/cls tokens; all = every one. "
+           "auto: the method's reference (MAE: mae; MFF-MAE, PixMIM: mmpretrain; PiLaMIM: all)")
     add_common_args(p)
     # Paper recipe: 128 per GPU x 4 accumulation x 8 GPUs = 4096 images per step.
     p.set_defaults(batch_size=128, accum_iter=4)

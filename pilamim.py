@@ -9,12 +9,18 @@ computes from the whole image, [cls] included (I-JEPA-like target):
 
 Unlike the public code, the targets stay in the original patch order (its target pass shuffles
 them), and the target encoder starts as a copy of the context encoder (as the paper says).
+Followed from the public code although the paper does not state it: no qkv bias, learned decoder
+position embeddings without a cls position, no norm before the decoder heads, weight decay on
+every parameter (`--wd_rule all`), the per-epoch schedule (`--lr_schedule epoch`). Kept from the
+MAE frame for interoperability: the encoders' fixed sin-cos position table with a cls row and
+LayerNorm eps 1e-6 (timm's ViT; the README says why).
 The context encoder keeps the top-level timm names (probe.py loads it); the target encoder is
 under `target_encoder.`, the decoders under `pixel_decoder.` and `latent_decoder.`.
 
     python pilamim.py --preset laptop                             # built-in data, CPU, ~5 minutes
     torchrun --nproc_per_node=8 pilamim.py --epochs 800 --data_path /imagenet
 """
+import math
 import time
 
 import torch
@@ -24,32 +30,38 @@ import torch.nn.functional as F
 from common import (Block, InputError, LayerNorm, LossTracker, VIT_SIZES, ViTEncoder, autocast, build_dataset,
                     encoder_state_dict, epochs, init_distributed, init_weights, log_epoch, lr_at, masked_mse,
                     no_sync_unless, pixel_targets, prepare_training, progress, random_masking, restore_order, run,
-                    save_training_state, set_lr, sincos_pos_embed_2d, train_transform)
+                    save_training_state, set_lr, train_transform, use_recipe)
 from mae_mff import MODELS, MultiLevelFusion, parse_mff_layers
 from mae_mff import get_args_parser as mae_args_parser
 
 
 class Decoder(nn.Module):
-    """MAE-style decoder with its own input projection, mask token, position embedding and head."""
+    """MAE-style decoder with its own input projection, mask token, position embedding and head.
+
+    As in the public code (nothing downstream loads the decoders): a learned position embedding
+    (trunc_normal 0.02) with no cls position, no qkv bias, and no norm before the head (the blocks
+    are pre-norm, so the last block's residual stream goes straight to decoder_pred).
+    """
 
     def __init__(self, in_dim, out_dim, grid, dim=384, depth=6, num_heads=12, mlp_ratio=4.):
         super().__init__()
         self.decoder_embed = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed_2d(dim, grid)[None], requires_grad=False)
-        self.decoder_blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, grid * grid, dim))   # patches only
+        self.decoder_blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=False, norm_layer=LayerNorm)
                                              for _ in range(depth)])
-        self.decoder_norm = LayerNorm(dim)
         self.decoder_pred = nn.Linear(dim, out_dim)
         self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=.02)
+        nn.init.trunc_normal_(self.decoder_pos_embed, std=.02)
 
     def forward(self, x, ids_restore):
         """x (N, 1 + K, D) -> (N, 1 + L, out_dim): cls first, patches in the ORIGINAL order."""
-        x = restore_order(self.decoder_embed(x), self.mask_token, ids_restore) + self.decoder_pos_embed
+        x = restore_order(self.decoder_embed(x), self.mask_token, ids_restore)   # (N, 1 + L, dim)
+        x = torch.cat([x[:, :1], x[:, 1:] + self.decoder_pos_embed], dim=1)      # cls gets no position
         for blk in self.decoder_blocks:
             x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))
+        return self.decoder_pred(x)
 
 
 class PiLaMIM(ViTEncoder):
@@ -59,12 +71,14 @@ class PiLaMIM(ViTEncoder):
                  decoder_embed_dim=384, decoder_depth=6, decoder_num_heads=12, mlp_ratio=4.,
                  norm_pix_loss=False, cls_loss=True, latent_target='raw', mff_layers=(), mff_proj='linear',
                  mff_fusion='weighted', mff_detach=False):
-        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio)
+        # No qkv bias, as the public code (timm's VisionTransformer(qkv_bias=False) and probe.py load it).
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias=False)
         if latent_target not in ('raw', 'layernorm'):
             raise InputError(f"--latent_target '{latent_target}' unknown: use raw or layernorm")
         self.norm_pix_loss, self.cls_loss, self.latent_target = norm_pix_loss, cls_loss, latent_target
         # Target encoder: same shape, initialised as a copy, never trained by gradients.
-        self.target_encoder = ViTEncoder(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio)
+        self.target_encoder = ViTEncoder(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
+                                         qkv_bias=False)
         self.target_encoder.load_state_dict(encoder_state_dict(self.state_dict()))
         self.target_encoder.requires_grad_(False)
         self.mff = (MultiLevelFusion(embed_dim, mff_layers, depth, num_heads, mff_proj, mff_fusion, mff_detach)
@@ -123,6 +137,16 @@ def build_model(args):
                    mff_proj=args.mff_proj, mff_fusion=args.mff_fusion, mff_detach=args.mff_detach)
 
 
+def epoch_lr(epoch, args):
+    """The public code's LambdaLR, stepped once per epoch e: lr x min((e + 1) / warmup, (1 + cos(pi e / epochs)) / 2).
+
+    The cosine runs over the whole run, not from the end of the warm-up as in common.lr_at.
+    """
+    e = math.floor(epoch)
+    warm = (e + 1) / args.warmup_epochs if args.warmup_epochs else 1.
+    return args.min_lr + (args.lr - args.min_lr) * min(warm, 0.5 * (1. + math.cos(math.pi * e / args.epochs)))
+
+
 def momentum_at(step, total_steps, start=0.996, end=1.0):
     """EMA momentum for the update after optimizer step `step` (0-based): linear start -> end."""
     return start + (end - start) * min(step / max(total_steps, 1), 1.)
@@ -141,12 +165,13 @@ def train_one_epoch(model, raw_model, loader, optimizer, device, epoch, step, to
     tracker = LossTracker(device, NAMES)
     micro_steps = len(loader) // args.accum_iter * args.accum_iter
     bar = progress(loader, rank, total=micro_steps, desc=f'epoch {epoch}')
+    schedule = epoch_lr if args.lr_schedule == 'epoch' else lr_at
     start = time.time()
     for i, (imgs, _) in enumerate(bar):
         if i == micro_steps:
             break
         if i % args.accum_iter == 0:
-            set_lr(optimizer, lr_at(epoch + i / micro_steps, args))
+            set_lr(optimizer, schedule(epoch + i / micro_steps, args))
         imgs = imgs.to(device, non_blocking=True)
         last_micro = (i + 1) % args.accum_iter == 0
         with no_sync_unless(model, last_micro):
@@ -166,13 +191,20 @@ def train_one_epoch(model, raw_model, loader, optimizer, device, epoch, step, to
     return step, tracker.mean(world_size), micro_steps * args.batch_size * world_size / (time.time() - start)
 
 
+def resolve_recipe(args):
+    """'auto' flags -> the public PiLaMIM code: RandomResizedCrop(0.2, 1), weight decay on every parameter."""
+    use_recipe(args, crop='rrc', wd_rule='all')
+    return f'PiLaMIM as the public code, {args.lr_schedule} lr schedule'
+
+
 def main(args):
     rank, world_size, device = init_distributed()
+    reference = resolve_recipe(args)
     torch.manual_seed(args.seed)
     raw_model = build_model(args).to(device)                             # target encoder: no grad, not optimised
     dataset = build_dataset(args, 'train', train_transform(args.input_size, args.crop))
     model, loader, sampler, optimizer, start_epoch, step = prepare_training(   # restores target encoder + step
-        args, raw_model, dataset, rank, world_size, device, f'target encoder included, cls loss '
+        args, raw_model, dataset, rank, world_size, device, f'{reference}, target encoder included, cls loss '
         f'{"on" if raw_model.cls_loss else "off"}, latent target {args.latent_target}, '
         f'mff_layers {raw_model.mff_layers or "off"}')
     total_steps = args.epochs * (len(loader) // args.accum_iter)         # momentum schedule length
@@ -198,16 +230,21 @@ def get_args_parser():
       help="raw: target encoder output after its final norm (paper); layernorm: + non-affine LN (I-JEPA)")
     a('--ema_momentum', type=float, default=0.996, help='EMA momentum at the first step')
     a('--ema_end', type=float, default=1.0, help='EMA momentum at the last step (linear per iteration)')
-    # Paper recipe: 128 per GPU x 2 accumulation x 8 GPUs = 2048; raw pixels; RandomResizedCrop; no MFF.
+    a('--lr_schedule', default='epoch', choices=['epoch', 'iter'],
+      help="epoch: the public code's per-epoch min((e+1)/warmup, cosine over all epochs); iter: MAE's "
+           "per-iteration warmup then cosine (common.lr_at)")
+    # Paper recipe: 128 per GPU x 2 accumulation x 8 GPUs = 2048; raw pixels; no MFF; --crop/--wd_rule
+    # auto = resolve_recipe (RandomResizedCrop, decay on every parameter).
     p.set_defaults(decoder_embed_dim=384, decoder_depth=6, decoder_num_heads=12, norm_pix_loss=False,
-                   mff_layers='none', crop='rrc', batch_size=128, accum_iter=2, epochs=800)
+                   mff_layers='none', batch_size=128, accum_iter=2, epochs=800)
     return p
 
 
 PRESETS = {'laptop': dict(model='mae_vit_tiny_patch16', input_size=32, patch_size=4, decoder_embed_dim=128,
                           decoder_depth=2, decoder_num_heads=4, batch_size=128, accum_iter=1, epochs=5,
                           warmup_epochs=1, blr=1.5e-3, builtin_size=4096, num_workers=1, save_freq=4,
-                          output_dir='./output/pilamim_laptop', print_freq=8)}
+                          output_dir='./output/pilamim_laptop', print_freq=8,
+                          lr_schedule='iter')}  # 1 warm-up epoch: per-epoch steps would skip the warm-up
 
 if __name__ == '__main__':
     run(main, get_args_parser(), PRESETS)

@@ -5,7 +5,7 @@ mae_mff.py's MaskedAutoencoder, imported unchanged:
 
   1. the reconstruction target is the low-frequency part of the image: an ideal circular low-pass
      filter in the 2-D Fourier domain (radius 40 px at 224 px), `low_freq_target` below;
-  2. the simple resized crop (resize + padded random crop + flip) replaces RandomResizedCrop.
+  2. the simple resized crop (bilinear resize + padded random crop + flip) replaces RandomResizedCrop.
 
 norm_pix_loss stays on (applied to the filtered target). MFF is on by default with mae_mff.py's
 switches; `--mff_layers none` gives plain PixMIM.
@@ -19,7 +19,7 @@ import torch
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, InputError, LossTracker, autocast, build_dataset, epochs,
                     init_distributed, log_epoch, lr_at, no_sync_unless, prepare_training, progress, run,
-                    save_training_state, set_lr, train_transform)
+                    save_training_state, set_lr, train_transform, use_recipe)
 from mae_mff import PRESETS as MAE_PRESETS
 from mae_mff import build_model, get_args_parser as mae_args_parser
 
@@ -35,10 +35,11 @@ def lpf_radius(args):
 def ideal_low_pass(x, radius):
     """x (N, C, H, W) real -> |IFFT(ifftshift(M * fftshift(FFT(x))))|, same shape, float32.
 
-    M is the ideal circular mask (i - (H-1)/2)^2 + (j - (W-1)/2)^2 <= r^2 on the shifted spectrum
-    (the reference's centre, half a pixel off the zero frequency for even sizes). Unlike the
-    reference code we undo the shift before the inverse FFT; as the absolute value is taken, this
-    differs from the reference only through that half-pixel offset.
+    M is the ideal circular mask (i - (H-1)/2)^2 + (j - (W-1)/2)^2 <= r^2 on the shifted spectrum.
+    The reference code skips the ifftshift; a circular shift of the spectrum only multiplies the
+    inverse FFT by a unit-modulus phase factor, which the absolute value removes, so both give the
+    same target (tested). A separate matter: the mask centre ((H-1)/2, (W-1)/2) is half a pixel off
+    the zero frequency (at (H/2, W/2) after fftshift) for even sizes; we keep the reference's centre.
     """
     H, W = x.shape[-2:]
     spec = torch.fft.fftshift(torch.fft.fft2(x.float()), dim=(-2, -1))  # (N, C, H, W) complex, DC at centre
@@ -69,7 +70,13 @@ def pixmim_loss(model, imgs, mask_ratio, radius):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training loop (change 2, the simple crop, is the `crop='simple'` default of the data pipeline).
+# Training loop (change 2, the simple crop, is the `crop='simple'` of the reference recipe below).
+
+def resolve_recipe(args):
+    """'auto' flags -> mmselfsup's PixMIM / mmpretrain's MFF-PixMIM: simple crop, mmpretrain's wd groups."""
+    use_recipe(args, crop='simple', wd_rule='mmpretrain')
+    return 'PixMIM as mmselfsup' if args.mff_layers == 'none' else 'MFF-PixMIM as mmpretrain'
+
 
 def train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank, world_size, last_ckpt):
     """One pass over this rank's shard; returns (global optimizer step, mean loss, images/s)."""
@@ -102,14 +109,15 @@ def train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank, w
 
 def main(args):
     rank, world_size, device = init_distributed()
+    reference = resolve_recipe(args)
     if lpf_radius(args) <= 0:
         raise InputError(f'--lpf_radius {args.lpf_radius} must be positive (40 at 224 px keeps the low band)')
     torch.manual_seed(args.seed)
     raw_model = build_model(args).to(device)
     dataset = build_dataset(args, 'train', train_transform(args.input_size, args.crop))
     model, loader, sampler, optimizer, start_epoch, step = prepare_training(
-        args, raw_model, dataset, rank, world_size, device, f'low-pass radius {lpf_radius(args):.3g} px, crop '
-        f'{args.crop}, mff_layers {raw_model.mff_layers or "off"}')
+        args, raw_model, dataset, rank, world_size, device, f'{reference}, low-pass radius '
+        f'{lpf_radius(args):.3g} px, mff_layers {raw_model.mff_layers or "off"}')
     last_ckpt = None
     for epoch in epochs(args, sampler, rank, start_epoch):
         step, loss, speed = train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank,
@@ -123,11 +131,11 @@ def main(args):
 
 
 def get_args_parser():
-    """mae_mff.py's flags, plus --lpf_radius; the simple crop and norm_pix are the defaults."""
+    """mae_mff.py's flags, plus --lpf_radius; norm_pix on, --crop/--wd_rule auto = resolve_recipe."""
     p = mae_args_parser(__doc__.split('\n')[0])
     p.add_argument('--lpf_radius', type=float, default=None,
                    help='low-pass radius in pixels (default 40 x input_size / 224)')
-    p.set_defaults(crop='simple', norm_pix_loss=True)
+    p.set_defaults(norm_pix_loss=True)
     return p
 
 

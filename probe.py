@@ -7,8 +7,8 @@ an epoch of head training costs a pass over a tensor instead of a pass through t
     python probe.py --checkpoint output/mae_mff_laptop/checkpoint-last.pth           # built-in data, [cls]
     python probe.py --checkpoint ... --pool abmilp                                    # Selective Aggregation
     python probe.py --checkpoint ... --knn                                            # k-NN, no training
-    torchrun --nproc_per_node=8 probe.py --checkpoint mae_pretrain_vit_base.pth --data_path /imagenet \\
-        --batch_size 2048 --aug                                                       # the MAE recipe
+    torchrun --nproc_per_node=8 probe.py --checkpoint mae_pretrain_vit_base.pth --data_path /imagenet
+        # the MAE recipe by default: 2048 per GPU x accum_iter 1 x 8 GPUs = 16384, re-encoding (--aug)
 
 Sections: encoder loading -> pooling heads -> features/cache -> k-NN -> training loop -> CLI.
 """
@@ -28,8 +28,8 @@ from torchvision import transforms
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, InputError, NonFiniteLossError, ViTEncoder, autocast,
                     build_dataset, encoder_state_dict, eval_transform, init_distributed, load_checkpoint,
-                    load_matching_state, log_epoch, lr_at, make_loader, progress, run, seed_epoch, set_lr,
-                    wrap_ddp)
+                    load_matching_state, log_epoch, lr_at, make_loader, no_sync_unless, progress, run, seed_epoch,
+                    set_lr, wrap_ddp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,7 +52,8 @@ def read_architecture(state, recorded, num_heads_flag):
     if heads is None:
         raise InputError(f'width {dim} is no standard ViT size, so the number of heads is unknown: pass --num_heads')
     return dict(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
-                mlp_ratio=state['blocks.0.mlp.fc1.weight'].shape[0] / dim)
+                mlp_ratio=state['blocks.0.mlp.fc1.weight'].shape[0] / dim,
+                qkv_bias='blocks.0.attn.qkv.bias' in state)               # PiLaMIM's blocks have none
 
 
 def load_encoder(path, args):
@@ -89,13 +90,16 @@ class AbMILPool(nn.Module):
     """Selective Aggregation (Przewiezlikowski et al., ICCV 2025): attention-based MIL pooling.
 
     s_i = MLP(h_i), a = softmax_i(s), z = sum_i a_i h_i over the patch tokens only: the [cls] token of
-    MIM models attends almost uniformly, which is what this replaces. depth 0 = their released
-    single Linear(D, 1); each extra level adds Linear(D, D) + tanh/relu before it.
+    MIM models attends almost uniformly, which is what this replaces. Depth as their --abmilp_depth:
+    1 = their released single Linear(D, 1); depth d puts d - 1 Linear(D, D) + tanh/relu before it.
+    PyTorch's default Linear init, as theirs.
     """
 
-    def __init__(self, dim, depth=0, act='tanh'):
+    def __init__(self, dim, depth=1, act='tanh'):
         super().__init__()
-        hidden = [m for _ in range(depth) for m in (nn.Linear(dim, dim), nn.Tanh() if act == 'tanh' else nn.ReLU())]
+        if depth < 1:
+            raise InputError(f'--abmilp_depth {depth} < 1: 1 is the single Linear(D, 1) scorer of the paper')
+        hidden = [m for _ in range(depth - 1) for m in (nn.Linear(dim, dim), nn.Tanh() if act == 'tanh' else nn.ReLU())]
         self.score = nn.Sequential(*hidden, nn.Linear(dim, 1))
 
     def attention(self, patches):                                        # (N, L, D) -> a (N, L), sums to 1
@@ -106,19 +110,22 @@ class AbMILPool(nn.Module):
 
 
 class ProbeHead(nn.Module):
-    """[pool] -> BatchNorm1d(affine=False, eps 1e-6) -> Linear(trunc_normal std 0.01): the MAE probe head.
+    """[pool] -> BatchNorm1d(affine=False, eps 1e-6) -> Linear: the MAE probe head.
 
     cls/mean pooling has no parameters, so it happens during feature extraction and the head sees
-    (N, D); abmilp learns, so the head sees the patch tokens (N, L, D).
+    (N, D); abmilp learns, so the head sees the patch tokens (N, L, D). The Linear is initialised
+    as in each reference: trunc_normal(std 0.01) for cls/mean (MAE), PyTorch's default for abmilp
+    (gmum/beyond_cls).
     """
 
-    def __init__(self, dim, num_classes, pool='cls', abmilp_depth=0, abmilp_act='tanh'):
+    def __init__(self, dim, num_classes, pool='cls', abmilp_depth=1, abmilp_act='tanh'):
         super().__init__()
         self.pool = AbMILPool(dim, abmilp_depth, abmilp_act) if pool == 'abmilp' else nn.Identity()
         self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)           # whitens features of any scale
         self.fc = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.fc.weight, std=0.01)
-        nn.init.zeros_(self.fc.bias)
+        if pool != 'abmilp':
+            nn.init.trunc_normal_(self.fc.weight, std=0.01)
+            nn.init.zeros_(self.fc.bias)
 
     def forward(self, x):
         return self.fc(self.bn(self.pool(x)))
@@ -127,13 +134,17 @@ class ProbeHead(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Features and the cache.
 
-def features(encoder, imgs, pool, layer):
+def features(encoder, imgs, pool, layer, norm):
     """Frozen forward -> the head's input: (N, D) for cls/mean, patch tokens (N, L, D) for abmilp.
 
-    The final norm is applied after whichever block is probed, as MAE's probe reads norm(x)[:, 0].
+    x is the raw residual stream after block `layer`; norm=True applies the encoder's final LayerNorm
+    (--feature_norm). cls: norm(x)[:, 0] as MAE's probe; mean: norm(mean of the patch tokens) as
+    MAE's global pool (average first, then the norm); abmilp: the patch tokens, by default raw as
+    gmum/beyond_cls (its forward_features never applies the final norm).
     """
-    x = encoder.norm(encoder.forward_blocks(encoder.embed(imgs), [layer % encoder.depth])[-1])  # (N, 1 + L, D)
-    return x[:, 0] if pool == 'cls' else x[:, 1:].mean(1) if pool == 'mean' else x[:, 1:]
+    x = encoder.forward_blocks(encoder.embed(imgs), [layer % encoder.depth])[-1]  # (N, 1 + L, D)
+    x = x[:, 0] if pool == 'cls' else x[:, 1:].mean(1) if pool == 'mean' else x[:, 1:]
+    return encoder.norm(x) if norm else x                                # LayerNorm is per token
 
 
 def free_memory(device):
@@ -143,7 +154,7 @@ def free_memory(device):
 
 
 @torch.no_grad()
-def extract(encoder, loader, pool, layer, device, rank=0):
+def extract(encoder, loader, pool, layer, norm, device, rank=0):
     """One pass over this rank's shard -> (features, labels) on `device`, preallocated after a memory check."""
     n = len(loader.sampler)
     shape = (encoder.num_patches, encoder.cls_token.shape[-1]) if pool == 'abmilp' else (encoder.cls_token.shape[-1],)
@@ -156,7 +167,7 @@ def extract(encoder, loader, pool, layer, device, rank=0):
     i = 0
     for imgs, y in progress(loader, rank, desc='extracting features'):
         with autocast(device):
-            f = features(encoder, imgs.to(device, non_blocking=True), pool, layer)
+            f = features(encoder, imgs.to(device, non_blocking=True), pool, layer, norm)
         feats[i:i + len(y)], labels[i:i + len(y)] = f, y
         i += len(y)
     return feats, labels
@@ -174,7 +185,7 @@ def batches(encoder, source, args, device, shuffle):
         return
     for imgs, y in source:
         with torch.no_grad(), autocast(device):
-            f = features(encoder, imgs.to(device, non_blocking=True), args.pool, args.layer)
+            f = features(encoder, imgs.to(device, non_blocking=True), args.pool, args.layer, args.feature_norm == 'on')
         yield f.float(), y.to(device, non_blocking=True)
 
 
@@ -236,10 +247,11 @@ def train_probe(encoder, train_src, val_src, num_classes, args, device, rank=0, 
     model = wrap_ddp(head, device, world_size)                           # cached shards: DDP-averaged grads
     optimizer = lars(head, args)
     cached = isinstance(train_src, tuple)
-    steps = len(train_src[1]) // args.batch_size if cached else len(train_src)
+    micro = len(train_src[1]) // args.batch_size if cached else len(train_src)
+    steps = micro // args.accum_iter * args.accum_iter                   # drop a ragged accumulation tail
     if steps == 0:
-        raise InputError(f'{len(train_src[1])} training images per process, fewer than --batch_size '
-                         f'{args.batch_size}: lower --batch_size or add data')
+        raise InputError(f'{micro * args.batch_size} training images per process, fewer than --batch_size '
+                         f'{args.batch_size} x --accum_iter {args.accum_iter}: lower them or add data')
     history = []
     for epoch in range(args.epochs):
         seed_epoch(args.seed, epoch, rank)
@@ -249,11 +261,17 @@ def train_probe(encoder, train_src, val_src, num_classes, args, device, rank=0, 
         start, loss_sum = time.time(), torch.zeros((), device=device)
         for i, (x, y) in enumerate(progress(batches(encoder, train_src, args, device, True), rank,
                                             total=steps, desc=f'epoch {epoch}')):
-            set_lr(optimizer, lr_at(epoch + i / steps, args))            # per-iteration warmup + cosine
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if i == steps:
+                break
+            if i % args.accum_iter == 0:                                 # a new accumulation window
+                set_lr(optimizer, lr_at(epoch + i / steps, args))        # per-iteration warmup + cosine
+                optimizer.zero_grad(set_to_none=True)
+            last_micro = (i + 1) % args.accum_iter == 0
+            with no_sync_unless(model, last_micro):
+                loss = F.cross_entropy(model(x), y)
+                (loss / args.accum_iter).backward()
+            if last_micro:
+                optimizer.step()
             loss_sum += loss.detach()
         loss = float(loss_sum) / steps                                   # one host sync per epoch
         if not math.isfinite(loss):
@@ -286,8 +304,13 @@ def probe_train_transform(size):
         transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+RECIPE_BATCH = 16384                           # effective batch of every reference probe (SPEC s.5)
+
+
 def resolve_defaults(args):
-    """Built-in data (no --data_path) gets a quick setting: cached features, 30 epochs, blr 30."""
+    """With --data_path: the MAE / Beyond-[cls] recipe (effective batch 16384: 2048 per GPU x accum_iter
+    16384 / (2048 x GPUs)). Built-in data gets a quick setting: cached features, 30 epochs, blr 30.
+    --feature_norm auto: MAE's post-norm features for cls/mean, the raw residual stream for abmilp."""
     builtin = not args.data_path
     pick = lambda v, folder, small: v if v is not None else (small if builtin else folder)  # noqa: E731
     args.epochs = pick(args.epochs, 90, 30)
@@ -295,7 +318,14 @@ def resolve_defaults(args):
     args.blr = pick(args.blr, 0.1, 30.)        # few steps at small scale: LARS needs a large lr
     args.num_workers = pick(args.num_workers, 10, 0)
     args.aug = pick(args.aug, True, False) and not args.knn
-    args.lr = args.lr if args.lr is not None else args.blr * args.batch_size * args.world_size / 256
+    args.batch_size = pick(args.batch_size, 2048, 256)
+    args.accum_iter = pick(args.accum_iter, max(1, round(RECIPE_BATCH / (args.batch_size * args.world_size))), 1)
+    if args.batch_size < 1 or args.accum_iter < 1:
+        raise InputError(f'--batch_size {args.batch_size} / --accum_iter {args.accum_iter} must be at least 1')
+    args.eff_batch = args.batch_size * args.accum_iter * args.world_size
+    args.lr = args.lr if args.lr is not None else args.blr * args.eff_batch / 256
+    if args.feature_norm == 'auto':
+        args.feature_norm = 'off' if args.pool == 'abmilp' else 'on'
     if args.knn and args.pool == 'abmilp':
         raise InputError('k-NN has no training, so it cannot learn abmilp attention: use --knn with --pool cls or mean')
 
@@ -317,17 +347,20 @@ def main(args):
     val_set = build_dataset(args, 'val', eval_transform(args.input_size))
     num_classes = len(train_set.classes)
     loader = lambda ds, train: make_loader(ds, args.batch_size, rank, world_size, args.num_workers,  # noqa: E731
-                                           train=train, seed=args.seed)[0]
+                                           train=train, seed=args.seed, accum_iter=args.accum_iter)[0]
     start = time.time()
-    val_src = extract(encoder, loader(val_set, False), args.pool, args.layer, device, rank) if not args.aug \
-        else loader(val_set, False)
+    norm = args.feature_norm == 'on'
+    val_src = extract(encoder, loader(val_set, False), args.pool, args.layer, norm, device, rank) \
+        if not args.aug else loader(val_set, False)
     train_src = loader(train_set, True) if args.aug else \
-        extract(encoder, loader(train_set, False), args.pool, args.layer, device, rank)
+        extract(encoder, loader(train_set, False), args.pool, args.layer, norm, device, rank)
     if rank == 0:
         print(f'{args.checkpoint}: ViT D={encoder.cls_token.shape[-1]} depth={encoder.depth} at {args.input_size}px, block '
-              f'{args.layer}, pool {args.pool}, {len(train_set)} train / {len(val_set)} val images, {num_classes} '
-              f'classes, {"re-encoding each batch" if args.aug else f"cached in {time.time() - start:.1f}s"}'
-              + ('' if args.knn else f', lr {args.lr:.3g}'), flush=True)
+              f'{args.layer}, pool {args.pool}, final norm {args.feature_norm}, {len(train_set)} train / '
+              f'{len(val_set)} val images, {num_classes} classes, '
+              f'{"re-encoding each batch" if args.aug else f"cached in {time.time() - start:.1f}s"}'
+              + ('' if args.knn else f', effective batch {args.eff_batch} ({args.batch_size} x {args.accum_iter} '
+                 f'accum_iter x {world_size} processes), lr {args.lr:.3g}'), flush=True)
     result = {'checkpoint': args.checkpoint, 'pool': args.pool, 'layer': args.layer, 'num_classes': num_classes,
               'data': args.data_path or f'builtin:{args.builtin_label}', 'args': vars(args)}
     if args.knn:
@@ -359,9 +392,13 @@ def get_args_parser():
     a('--patch_size', type=int, default=None, help='only a check')
     a('--num_heads', type=int, default=None, help='needed only for timm/official weights of a non-standard width')
     a('--pool', default='cls', choices=['cls', 'mean', 'abmilp'],
-      help='cls: [cls] after the final norm (MAE); mean: average patch token (I-JEPA, BootMAE); '
+      help='cls: [cls] token (MAE); mean: norm(average patch token), MAE\'s global pool (I-JEPA, BootMAE); '
            'abmilp: Selective Aggregation, learned attention over patches (best for MIM encoders)')
-    a('--abmilp_depth', type=int, default=0, help='hidden Linear(D, D) layers in the abmilp scorer; 0 = paper release')
+    a('--feature_norm', default='auto', choices=['auto', 'on', 'off'],
+      help="apply the encoder's final LayerNorm to the probed features. auto: on for cls/mean (MAE's probe), "
+           "off for abmilp (Beyond [cls] reads the raw residual stream of the last block)")
+    a('--abmilp_depth', type=int, default=1,
+      help='abmilp scorer depth as in gmum/beyond_cls: 1 = their single Linear(D, 1); d adds d - 1 hidden Linear(D, D)')
     a('--abmilp_act', default='tanh', choices=['tanh', 'relu'], help='activation of the hidden scorer layers')
     a('--layer', type=int, default=-1, help='block whose output is probed (0-based; -1 = last). Shallow blocks '
       'of MIM encoders often probe better than the last on low-level tasks')
@@ -372,11 +409,17 @@ def get_args_parser():
       help='re-encode every batch with RandomResizedCrop + flip (the MAE recipe; default with --data_path)')
     a('--no_aug', dest='aug', action='store_const', const=False,
       help='encode once and train on cached features, >= 10x faster (default for built-in data and k-NN)')
-    a('--batch_size', type=int, default=256,
-      help='per process; the MAE recipe uses 16384 in all (the cached path copes on 1 GPU)')
+    a('--batch_size', type=int, default=None,
+      help='per process; default 2048 with --data_path, 256 on built-in data. Effective batch = batch_size x '
+           'accum_iter x GPUs; the recipe (MAE, Beyond [cls]) is 16384')
+    a('--accum_iter', type=int, default=None,
+      help='gradient accumulation steps; default with --data_path 16384 / (batch_size x GPUs) (8 on one GPU, '
+           '1 on 8), so the recipe\'s effective batch 16384 is reached; 1 on built-in data')
     a('--epochs', type=int, default=None, help='default 90 (MAE; PiLaMIM uses 100), 30 on built-in data')
     a('--warmup_epochs', type=int, default=None, help='default 10, 3 on built-in data')
-    a('--blr', type=float, default=None, help='base lr x batch / 256; default 0.1 (PiLaMIM uses 3), 30 on built-in data')
+    a('--blr', type=float, default=None,
+      help='lr = blr x effective batch / 256; default 0.1 (MAE: lr 6.4 at 16384), 30 on built-in data. '
+           "PiLaMIM's probe: lr 3 at batch 1024 = blr 0.75")
     a('--lr', type=float, default=None, help='absolute lr; overrides --blr')
     a('--min_lr', type=float, default=0.)
     a('--weight_decay', type=float, default=0.)

@@ -9,6 +9,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -503,7 +504,7 @@ def test_target_encoder_gets_no_gradient():
     loss.backward()
     assert all(not p.requires_grad and p.grad is None for p in model.target_encoder.parameters())
     assert model.blocks[0].attn.qkv.weight.grad is not None
-    opt_params = {id(p) for g in common.param_groups(model, 0.05) for p in g['params']}
+    opt_params = {id(p) for g in common.param_groups(model, 0.05, 'all') for p in g['params']}
     assert not opt_params & {id(p) for p in model.target_encoder.parameters()}
 
 
@@ -557,7 +558,7 @@ def test_decoder_returns_original_patch_order():
     for n in range(2):
         for k in range(4):
             pos = ids_keep[n, k] + 1
-            ref = dec.decoder_pred(dec.decoder_norm(dec.decoder_embed(x[n, k + 1]) + dec.decoder_pos_embed[0, pos]))
+            ref = dec.decoder_pred(dec.decoder_embed(x[n, k + 1]) + dec.decoder_pos_embed[0, pos - 1])  # no norm
             assert torch.allclose(out[n, pos], ref, atol=1e-5)
 
 
@@ -615,7 +616,8 @@ def test_cli_train_and_exact_resume(tmp_path, script, extra):
     if script == 'pilamim.py':
         assert any(k.startswith('target_encoder.') for k in a['model'])
         assert resumed[-1]['cls'] == 0 and full[-1]['ema_momentum'] == resumed[-1]['ema_momentum'] == 1.0
-    enc = common.ViTEncoder(16, 4, embed_dim=192, depth=12, num_heads=3)  # what probe.py does
+    enc = common.ViTEncoder(16, 4, embed_dim=192, depth=12, num_heads=3,  # what probe.py does
+                            qkv_bias=script != 'pilamim.py')              # PiLaMIM: no qkv bias
     common.load_matching_state(enc, common.encoder_state_dict(a['model']), 'checkpoint')
 
 
@@ -667,9 +669,9 @@ def test_abmilp_attention_is_a_distribution_over_patches_only():
     encoder = ViTEncoder(**PROBE_TINY).eval()
     imgs = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        tokens = probe.features(encoder, imgs, 'abmilp', 1)             # (N, L, D): cls excluded
-        assert torch.equal(tokens, encoder.forward_features(imgs)[:, 1:])
-        pool = probe.AbMILPool(64, depth=1)
+        tokens = probe.features(encoder, imgs, 'abmilp', 1, False)      # (N, L, D): cls excluded
+        assert torch.equal(tokens, encoder.forward_blocks(encoder.embed(imgs), [1])[-1][:, 1:])
+        pool = probe.AbMILPool(64, depth=2)
         for p in pool.parameters():                                      # non-trivial scores
             torch.nn.init.normal_(p, std=0.5)
         a = pool.attention(tokens)
@@ -687,7 +689,7 @@ def test_cached_and_uncached_paths_give_the_same_features():
     loader = make_loader(data, 16, 0, 1, 0, train=False)[0]
     for pool in ('cls', 'mean', 'abmilp'):
         args = probe_args('--checkpoint', 'x', '--pool', pool, '--layer', '0', '--batch_size', '16')
-        cache_x, cache_y = probe.extract(encoder, loader, pool, 0, torch.device('cpu'))
+        cache_x, cache_y = probe.extract(encoder, loader, pool, 0, args.feature_norm == 'on', torch.device('cpu'))
         cached = list(probe.batches(encoder, (cache_x, cache_y), args, torch.device('cpu'), shuffle=False))
         fresh = list(probe.batches(encoder, loader, args, torch.device('cpu'), shuffle=False))
         assert len(cached) == len(fresh) == 3
@@ -708,7 +710,8 @@ def test_encoder_is_untouched_by_probing(pool, tmp_path):
     # re-encoding path (augmented): the encoder runs inside every training step
     probe.train_probe(encoder, make_loader(train, 16, 0, 1, 0)[0], val_src, 4, args, torch.device('cpu'))
     # cached path
-    cache = probe.extract(encoder, make_loader(train, 16, 0, 1, 0, train=False)[0], pool, 1, torch.device('cpu'))
+    cache = probe.extract(encoder, make_loader(train, 16, 0, 1, 0, train=False)[0], pool, 1,
+                          args.feature_norm == 'on', torch.device('cpu'))
     head, history = probe.train_probe(encoder, cache, val_src, 4, args, torch.device('cpu'))
     assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
     assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
@@ -744,7 +747,7 @@ def test_probe_on_imagenet_style_folders(pretrained, tmp_path):
                 Image.new('RGB', (40, 36), tuple(c + 3 * i for c in colour)).save(folder / f'{i}.png')
     result = probe.main(probe_args('--checkpoint', pretrained, '--data_path', str(tmp_path / 'data'), '--no_aug',
                                    '--epochs', '30', '--warmup_epochs', '3', '--blr', '30', '--batch_size', '4',
-                                   '--num_workers', '0', '--output_dir', str(tmp_path / 'out')))
+                                   '--accum_iter', '1', '--num_workers', '0', '--output_dir', str(tmp_path / 'out')))
     assert result['num_classes'] == 2 and len(result['epochs']) == 30
     assert result['top1'] == 100.0                                       # colour is trivially separable
 
@@ -787,4 +790,188 @@ def test_token_cache_that_does_not_fit_is_refused(monkeypatch):
     loader = make_loader(SyntheticShapes(8, 32), 8, 0, 1, 0, train=False)[0]
     monkeypatch.setattr(probe, 'free_memory', lambda device: 1000)
     with pytest.raises(InputError, match='--aug'):
-        probe.extract(encoder, loader, 'abmilp', 1, torch.device('cpu'))
+        probe.extract(encoder, loader, 'abmilp', 1, False, torch.device('cpu'))
+
+
+# ---------------------------------------------------------------------------------------------- REFERENCE DEFAULTS (issue 9)
+
+def decayed_names(model, rule):
+    groups = common.param_groups(model, 0.05, rule)
+    decayed = {id(p) for g in groups if g['weight_decay'] > 0 for p in g['params']}
+    grouped = [id(p) for g in groups for p in g['params']]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sorted(grouped) == sorted(id(p) for p in trainable)           # each trainable param exactly once
+    return {n for n, p in model.named_parameters() if id(p) in decayed}
+
+
+def test_weight_decay_groups_follow_each_reference():
+    mff = MaskedAutoencoder(**TINY, mff_layers=[0, 3])
+    names = {n for n, p in mff.named_parameters() if p.requires_grad}
+    mmp = decayed_names(mff, 'mmpretrain')
+    assert 'mff.fusion_logits' in mmp                                     # decayed as in mmpretrain's run
+    assert {'blocks.0.attn.qkv.weight', 'mff.proj.0.weight', 'decoder_pred.weight', 'patch_embed.proj.weight'} <= mmp
+    assert not mmp & {'cls_token', 'mask_token', 'norm.weight', 'blocks.0.norm1.weight', 'decoder_norm.weight'}
+    assert not any(n.endswith('bias') for n in mmp)
+    plain = MaskedAutoencoder(**TINY)
+    mae = decayed_names(plain, 'mae')
+    assert {'cls_token', 'mask_token', 'blocks.0.attn.qkv.weight'} <= mae  # official MAE decays the tokens
+    assert not any(n.endswith('bias') or 'norm' in n for n in mae)
+    assert decayed_names(mff, 'all') == names                             # PiLaMIM's code: every parameter
+    with pytest.raises(InputError, match='wd_rule'):
+        common.param_groups(mff, 0.05, 'timm')
+
+
+@pytest.mark.parametrize('script,flags,crop,rule', [
+    ('mae_mff', [], 'simple', 'mmpretrain'), ('mae_mff', ['--mff_layers', 'none'], 'rrc', 'mae'),
+    ('mae_mff', ['--crop', 'rrc', '--wd_rule', 'all'], 'rrc', 'all'),     # explicit flags win
+    ('pixmim_mff', [], 'simple', 'mmpretrain'), ('pixmim_mff', ['--mff_layers', 'none'], 'simple', 'mmpretrain'),
+    ('pilamim', [], 'rrc', 'all')])
+def test_each_method_resolves_its_reference_recipe(script, flags, crop, rule):
+    module = importlib.import_module(script)
+    args = module.get_args_parser().parse_args(flags)
+    assert flags or args.crop == args.wd_rule == 'auto'                  # defaults are resolved, not fixed
+    module.resolve_recipe(args)
+    assert (args.crop, args.wd_rule) == (crop, rule)
+
+
+def test_simple_crop_is_bilinear_and_rrc_bicubic():
+    simple, rrc = train_transform(32, 'simple').transforms, train_transform(32, 'rrc').transforms
+    from torchvision.transforms import InterpolationMode, RandomCrop, RandomResizedCrop, Resize
+    assert isinstance(simple[0], Resize) and simple[0].interpolation == InterpolationMode.BILINEAR
+    assert isinstance(simple[1], RandomCrop) and simple[1].padding == 4 and simple[1].padding_mode == 'reflect'
+    assert isinstance(rrc[0], RandomResizedCrop) and rrc[0].interpolation == InterpolationMode.BICUBIC
+    assert rrc[0].scale == (0.2, 1.0)
+    with pytest.raises(InputError, match='--crop'):
+        train_transform(32, 'auto')                                       # 'auto' must be resolved first
+
+
+def test_plain_mae_prints_and_records_its_recipe(tmp_path, capsys):
+    in_process('mae_mff.py', tmp_path, '--mff_layers', 'none', '--epochs', '1')
+    out = capsys.readouterr().out
+    assert 'MAE as the official code' in out and 'recipe: crop rrc, weight decay 0.05 on the mae groups' in out
+    saved = torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)['args']
+    assert (saved['crop'], saved['wd_rule']) == ('rrc', 'mae')
+
+
+def test_fusion_weights_and_sum_stay_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    mff = mae_mff.MultiLevelFusion(32, [0, 3], 4, 2)
+    with torch.no_grad():
+        mff.fusion_logits.copy_(torch.tensor([0.3, -0.2]))
+    levels = [torch.randn(2, 5, 32), torch.randn(2, 5, 32).bfloat16()]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = mff(levels)
+        shallow = mff.proj[0](levels[0])                                  # bf16 under autocast
+    w = mff.fusion_logits.double().softmax(0)
+    expected = w[0] * shallow.double() + w[1] * levels[1].double()
+    assert shallow.dtype == torch.bfloat16 and out.dtype == torch.float32
+    assert torch.allclose(out.double(), expected, atol=1e-6)              # bf16 weights would be off by ~1e-3
+
+
+def test_low_pass_without_the_inverse_shift_is_the_same_target():
+    x = torch.rand(2, 3, 16, 16)
+    H = W = 16
+    i, j = torch.arange(H) - (H - 1) / 2, torch.arange(W) - (W - 1) / 2
+    keep = i[:, None] ** 2 + j[None] ** 2 <= 5. ** 2
+    reference = torch.fft.ifft2(torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1)) * keep).abs()  # no ifftshift
+    assert torch.allclose(ideal_low_pass(x, 5.), reference, atol=1e-5)
+
+
+def test_pilamim_follows_the_public_code_and_still_loads_downstream(tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+    from pilamim import epoch_lr
+    model = tiny_pilamim(img_size=32, embed_dim=64)
+    keys = model.state_dict().keys()
+    assert not any(k.endswith('qkv.bias') for k in keys) and not any('decoder_norm' in k for k in keys)
+    assert model.pixel_decoder.decoder_pos_embed.shape == (1, 64, 32) and model.pixel_decoder.decoder_pos_embed.requires_grad
+    path = str(tmp_path / 'pilamim.pth')
+    save_checkpoint({'model': model.state_dict(), 'args': {'model': 'x'}}, path)
+    encoder = probe.load_encoder(path, probe_args('--checkpoint', path, '--num_heads', '2'))
+    vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=0,
+                            qkv_bias=False)
+    vit.load_state_dict(common.encoder_state_dict(model.state_dict()), strict=True)
+    imgs = torch.randn(2, 3, 32, 32)
+    model.eval(), vit.eval()
+    with torch.no_grad():
+        assert torch.allclose(encoder.forward_features(imgs), model.forward_features(imgs), atol=1e-6)
+        assert torch.allclose(vit.forward_features(imgs), model.forward_features(imgs), atol=1e-5)
+    # Per-epoch LambdaLR of the public code: min((e + 1) / warmup, cosine over all epochs), constant in an epoch.
+    args = argparse.Namespace(lr=1., min_lr=0., warmup_epochs=40, epochs=800)
+    assert epoch_lr(0, args) == epoch_lr(0.99, args) == pytest.approx(1 / 40)
+    assert epoch_lr(39.5, args) == pytest.approx(0.5 * (1 + math.cos(math.pi * 39 / 800)))
+    assert epoch_lr(400, args) == pytest.approx(0.5)
+    assert importlib.import_module('pilamim').get_args_parser().parse_args([]).lr_schedule == 'epoch'
+
+
+def test_probe_features_per_reference():
+    torch.manual_seed(0)
+    encoder = ViTEncoder(**PROBE_TINY).eval()
+    imgs = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        raw = encoder.forward_blocks(encoder.embed(imgs), [1])[-1]        # (N, 1 + L, D), before the norm
+        feats = {pool: probe.features(encoder, imgs, pool, 1, probe_args('--checkpoint', 'x', '--pool', pool)
+                                      .feature_norm == 'on') for pool in ('cls', 'mean', 'abmilp')}
+        assert torch.equal(feats['abmilp'], raw[:, 1:])                  # Beyond [cls]: raw residual stream
+        assert not torch.allclose(feats['abmilp'], encoder.norm(raw)[:, 1:], atol=1e-3)
+        assert torch.allclose(feats['cls'], encoder.norm(raw)[:, 0], atol=1e-6)       # MAE's probe
+        assert torch.allclose(feats['mean'], encoder.norm(raw[:, 1:].mean(1)), atol=1e-6)  # MAE's global pool
+        assert not torch.allclose(feats['mean'], encoder.norm(raw)[:, 1:].mean(1), atol=1e-3)
+        on = probe_args('--checkpoint', 'x', '--pool', 'abmilp', '--feature_norm', 'on').feature_norm == 'on'
+        assert torch.allclose(probe.features(encoder, imgs, 'abmilp', 1, on), encoder.norm(raw)[:, 1:], atol=1e-6)
+
+
+def test_abmilp_depth_and_head_init_follow_the_reference():
+    args = probe_args('--checkpoint', 'x', '--pool', 'abmilp')
+    head = probe.ProbeHead(64, 4, 'abmilp', args.abmilp_depth)
+    assert args.abmilp_depth == 1 and [type(m) for m in head.pool.score] == [nn.Linear]
+    assert head.pool.score[0].weight.shape == (1, 64)
+    deep = probe.AbMILPool(64, depth=3, act='relu').score
+    assert [type(m) for m in deep] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
+    with pytest.raises(InputError, match='abmilp_depth'):
+        probe.AbMILPool(64, depth=0)
+    torch.manual_seed(0)
+    mae_head = probe.ProbeHead(768, 1000, 'cls').fc
+    assert mae_head.weight.std() < 0.011 and not mae_head.bias.any()        # trunc_normal(0.01), zero bias
+    default = probe.ProbeHead(768, 1000, 'abmilp').fc                      # PyTorch's kaiming-uniform default
+    assert default.weight.abs().max() <= 1 / 768 ** .5 and default.weight.std() > 0.015 and default.bias.any()
+
+
+def test_probe_lr_help_and_recipe_batch():
+    helptext = ' '.join(probe.get_args_parser().format_help().split())
+    lr, batch, blr = map(float, re.search(r"PiLaMIM's probe: lr ([\d.]+) at batch (\d+) = blr ([\d.]+)",
+                                          helptext).groups())
+    assert (lr, batch) == (3, 1024) and blr == lr * 256 / batch           # PiLaMIM's absolute lr 3 at 1024
+    for world, accum in ((1, 8), (8, 1)):
+        args = probe.get_args_parser().parse_args(['--checkpoint', 'x', '--data_path', '/imagenet'])
+        args.world_size = world
+        probe.resolve_defaults(args)
+        assert (args.batch_size, args.accum_iter, args.eff_batch) == (2048, accum, 16384)
+        assert args.lr == pytest.approx(6.4)                              # mmpretrain's LARS lr 6.4
+    args = probe_args('--checkpoint', 'x')
+    assert (args.batch_size, args.accum_iter) == (256, 1)
+
+
+def test_probe_accum_iter_steps_once_per_accumulation(monkeypatch, tmp_path):
+    steps, make = [], probe.lars
+
+    def counting_lars(head, args):
+        opt = make(head, args)
+        step = opt.step
+        opt.step = lambda *a, **k: (steps.append(opt.param_groups[0]['lr']), step(*a, **k))[1]
+        return opt
+
+    monkeypatch.setattr(probe, 'lars', counting_lars)
+    torch.manual_seed(0)
+    encoder = ViTEncoder(**PROBE_TINY).eval()
+    cache = (torch.randn(80, 64), torch.randint(0, 4, (80,)))                # 5 micro-batches of 16
+    for accum, expected in ((1, 5), (2, 2)):
+        steps.clear()
+        args = probe_args('--checkpoint', 'x', '--epochs', '1', '--warmup_epochs', '0', '--batch_size', '16',
+                          '--accum_iter', str(accum), '--output_dir', str(tmp_path))
+        assert args.lr == pytest.approx(30 * 16 * accum / 256)
+        probe.train_probe(encoder, cache, cache, 4, args, torch.device('cpu'))
+        assert len(steps) == expected                                      # ragged tail dropped
+        assert steps[0] == pytest.approx(args.lr)
+    with pytest.raises(InputError, match='accum_iter'):
+        probe.train_probe(encoder, cache, cache, 4, probe_args('--checkpoint', 'x', '--batch_size', '16',
+                                                               '--accum_iter', '6'), torch.device('cpu'))
