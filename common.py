@@ -607,8 +607,8 @@ def resume(args, model, optimizer):
     theirs, ours = ckpt.get('script') or script_of(recorded), script_of(vars(args))
     if theirs and ours and theirs != ours:
         raise InputError(f'{path} was written by {theirs}, not {ours}: continue it with `python {theirs} '
-                         f'--resume {path}`, evaluate it with `python probe.py --checkpoint {path}`, '
-                         f'or start {ours} without --resume')
+                         f'--resume {path} --output_dir {os.path.dirname(path) or "."}` and the flags it was trained '
+                         f'with, evaluate it with `python probe.py --checkpoint {path}`, or start {ours} without --resume')
     if ckpt['epoch'] >= args.epochs:
         raise InputError(f'{path} has finished epoch {ckpt["epoch"]} of --epochs {args.epochs}, nothing is left '
                          f'to train: pass --epochs larger than {ckpt["epoch"]} to train on (the cosine schedule '
@@ -686,6 +686,7 @@ def start_log(args, resumed_epoch=None):
     """<output_dir>/log.jsonl holds one run: a fresh run (resumed_epoch None) starts it empty; a resumed
     run keeps the lines up to the epoch it resumed from and appends, so a plot never mixes runs."""
     path = os.path.join(args.output_dir, 'log.jsonl')
+
     def before_resume(line):
         try:
             return json.loads(line).get('epoch', 0) <= resumed_epoch
@@ -785,7 +786,8 @@ def run(main, parser, presets=None):
     args = parser.parse_args()
     try:
         check_flags(args)
-        make_output_dir(args.output_dir)
+        if getattr(args, 'output_dir', None):
+            make_output_dir(args.output_dir)
         main(args)
     except (InputError, NonFiniteLossError, DiskFullError) as e:
         # A loader worker wraps the message in its traceback; the last line is ours.

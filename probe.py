@@ -272,7 +272,9 @@ def train_probe(encoder, train_src, val_src, num_classes, args, device, rank=0, 
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach()
-        loss = float(loss_sum) / steps                                   # one host sync per epoch
+        if world_size > 1:                       # a NaN on any rank stops all of them; the global mean is logged
+            dist.all_reduce(loss_sum)
+        loss = float(loss_sum) / (steps * world_size)                    # one host sync per epoch
         if not math.isfinite(loss):
             raise NonFiniteLossError(f'non-finite probe loss in epoch {epoch}: lower --blr')
         seconds = time.time() - start
