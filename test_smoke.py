@@ -1053,6 +1053,8 @@ probe.train_probe(encoder, (train_x, train_y), (val_x, val_y), 4, args, device, 
 if rank == 0:
     json.dump({{'knn': knn, 'linear': linear, 'bank_y': bank_y.tolist(), 'bank_x': bank_x.sum().item()}},
               open(sys.argv[1], 'w'))
+if world > 1:
+    torch.distributed.destroy_process_group()   # else gloo may abort the exit ("terminate called ...")
 '''
 
 
