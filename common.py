@@ -5,6 +5,7 @@ nothing in this file knows about a particular method. Section order: encoder -> 
 distributed -> optimisation -> checkpoints -> logging -> command line.
 """
 import argparse
+import errno
 import json
 import math
 import os
@@ -30,6 +31,10 @@ class InputError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; raised before anything is saved, so the last checkpoint stays good."""
+
+
+class DiskFullError(RuntimeError):
+    """A checkpoint write ran out of space; the previous checkpoint file is untouched."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,6 +112,15 @@ def random_masking(n, L, mask_ratio, device, noise=None):
     mask[:, :len_keep] = 0
     mask = torch.gather(mask, 1, ids_restore)
     return ids_keep, mask, ids_restore
+
+
+def check_mask_ratio(mask_ratio, num_patches):
+    """random_masking needs at least one visible and one masked patch per image (else 0/0 or no input)."""
+    keep = int(num_patches * (1 - mask_ratio)) if math.isfinite(mask_ratio) else -1
+    if not 1 <= keep <= num_patches - 1:
+        top = math.floor((1 - 1 / num_patches) * 1e4) / 1e4                # round down: it must still work
+        raise InputError(f'--mask_ratio {mask_ratio} leaves {max(keep, 0)} of {num_patches} patches visible: '
+                         f'use a ratio above 0 and at most {top:g}, so that 1 to {num_patches - 1} stay visible')
 
 
 def restore_order(x, mask_token, ids_restore):
@@ -326,16 +340,35 @@ def build_dataset(args, split, transform):
         raise InputError(f'{root} holds no images ({e}): put images in {root}/<class>/') from None
 
 
+class EvalShard(torch.utils.data.Sampler):
+    """Rank r of W reads images r, r+W, r+2W, ...: every image exactly once, no padding, so shards
+    differ in length by at most one (DistributedSampler would pad them with duplicates)."""
+
+    def __init__(self, dataset, rank, world_size):
+        self.indices = range(rank, len(dataset), world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def set_epoch(self, epoch):
+        """Evaluation order never changes; kept so callers can treat both samplers alike."""
+
+
 def make_loader(dataset, batch_size, rank, world_size, num_workers, train=True, seed=0, accum_iter=1):
-    """DataLoader over this rank's shard. The shuffle order depends only on (seed, epoch)."""
+    """DataLoader over this rank's shard. Training: shuffled by (seed, epoch), equal shards, ragged
+    tail dropped. Evaluation (train=False): EvalShard, each image counted exactly once in all."""
     if batch_size < 1:
         raise InputError(f'batch size {batch_size} < 1: give --batch_size of at least 1 (per GPU)')
     if train and len(dataset) < batch_size * world_size * accum_iter:
         raise InputError(f'dataset has {len(dataset)} images, fewer than one optimizer step needs '
                          f'({batch_size} x {accum_iter} accum_iter x {world_size} processes): '
                          'lower --batch_size or --accum_iter, or add data')
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                                  shuffle=train, seed=seed, drop_last=train)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                                  seed=seed, drop_last=True) if train else \
+        EvalShard(dataset, rank, world_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         pin_memory=torch.cuda.is_available(), drop_last=train,
@@ -477,7 +510,15 @@ class LossTracker:
         self.count += 1
 
     def check(self, last_checkpoint):
-        bad = int(self.first_bad)
+        """Raise if any rank saw a non-finite loss. Every rank calls this at the same steps, so one
+        small all-reduce here lets all of them stop together instead of leaving the others hanging."""
+        bad = self.first_bad
+        if dist.is_initialized():
+            never = torch.iinfo(torch.long).max
+            bad = torch.where(bad < 0, torch.full_like(bad, never), bad)
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)                   # earliest bad step of any rank
+            bad = torch.where(bad == never, torch.full_like(bad, -1), bad)
+        bad = int(bad)
         if bad >= 0:
             raise NonFiniteLossError(
                 f'non-finite loss at step {bad}; nothing was saved after it ({last_checkpoint or "no checkpoint yet"} '
@@ -494,25 +535,82 @@ class LossTracker:
 # Checkpoints: {'model', 'optimizer', 'epoch' (completed), 'step', 'args', ...}, written atomically.
 
 def save_checkpoint(state, path):
-    """Write to a temporary file, fsync, then rename: a kill mid-write leaves the old file intact."""
+    """Write to a temporary file, fsync, then rename: a kill mid-write leaves the old file intact.
+
+    On any failure the temporary file is removed (a partial file would keep a full disk full); a
+    full disk becomes a one-line DiskFullError.
+    """
     tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if not disk_full(e):
+            raise
+        kept = f'the previous {path} is intact' if os.path.exists(path) else f'{path} was not written'
+        raise DiskFullError(f'disk full while writing {path}: {kept} and the partial file is removed; free space '
+                            f'in {os.path.dirname(path) or "."}, then rerun with --resume auto') from None
 
 
-def load_checkpoint(path):
+def disk_full(e):
+    """Is ENOSPC/EDQUOT anywhere in the chain? torch's zip writer wraps the OSError in a RuntimeError."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def remove_stale_temp_files(output_dir):
+    """Delete checkpoint-*.pth.tmp<pid> files whose writer is dead (killed mid-write, or a full disk)."""
+    for name in os.listdir(output_dir):
+        m = re.fullmatch(r'checkpoint-.+\.pth\.tmp(\d+)', name)
+        if m and not pid_alive(int(m.group(1))):
+            os.remove(os.path.join(output_dir, name))
+            print(f'removed {name}, the partial checkpoint of a process that no longer runs', flush=True)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                              # exists, owned by another user
+        pass
+    return True
+
+
+def load_checkpoint(path, flag='--checkpoint'):
+    """torch.load with one-line errors that point at `flag`, the option that named the file."""
     if not os.path.isfile(path):
-        raise InputError(f'checkpoint {path} does not exist: check the path, or use --resume auto '
-                         'to continue from the latest checkpoint in --output_dir')
+        hint = ('check the path, or use --resume auto to continue from the latest checkpoint in --output_dir'
+                if flag == '--resume' else f'check the {flag} path')
+        raise InputError(f'checkpoint {path} does not exist: {hint}')
     try:  # official MAE checkpoints pickle their args as an argparse.Namespace
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated or not a checkpoint at all
         raise InputError(f'cannot read checkpoint {path} ({type(e).__name__}): it is corrupt or not a '
-                         'PyTorch checkpoint; point --resume at another file') from None
+                         f'PyTorch checkpoint; point {flag} at another file') from None
+
+
+def script_of(args):
+    """Which pre-training script a set of args (a dict, e.g. a checkpoint's) belongs to; None if unsure.
+
+    Checkpoints record it as 'script'; for older ones the flags only one script has tell.
+    """
+    if 'ema_momentum' in args:
+        return 'pilamim.py'
+    if 'lpf_radius' in args:
+        return 'pixmim_mff.py'
+    if 'mff_layers' in args and 'mask_ratio' in args:
+        return 'mae_mff.py'
+    return None
 
 
 def resume_path(args):
@@ -528,13 +626,31 @@ def resume(args, model, optimizer):
     path = resume_path(args)
     if path is None:
         return 0, 0, None
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, '--resume')
     if not {'model', 'optimizer', 'epoch', 'step'} <= set(ckpt):
         raise InputError(f'{path} is not a training checkpoint of these scripts (no model/optimizer/epoch/step '
                          'entries): evaluate it with probe.py, or start without --resume')
+    recorded = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
+    theirs, ours = ckpt.get('script') or script_of(recorded), script_of(vars(args))
+    if theirs and ours and theirs != ours:
+        raise InputError(f'{path} was written by {theirs}, not {ours}: continue it with `python {theirs} '
+                         f'--resume {path} --output_dir {os.path.dirname(path) or "."}` and the flags it was trained '
+                         f'with, evaluate it with `python probe.py --checkpoint {path}`, or start {ours} without --resume')
+    if ckpt['epoch'] >= args.epochs:
+        raise InputError(f'{path} has finished epoch {ckpt["epoch"]} of --epochs {args.epochs}, nothing is left '
+                         f'to train: pass --epochs larger than {ckpt["epoch"]} to train on (the cosine schedule '
+                         'is then stretched), or evaluate it with probe.py')
     load_matching_state(model, ckpt['model'], path)
     optimizer.load_state_dict(ckpt['optimizer'])
     return ckpt['epoch'], ckpt['step'], ckpt
+
+
+def warmup_note(args):
+    """' (...)' when the warmup outlasts the run, so the printed lr is never reached; else ''."""
+    if args.warmup_epochs <= args.epochs:
+        return ''
+    return (f' (note: --warmup_epochs {args.warmup_epochs} > --epochs {args.epochs}: the lr only reaches '
+            f'{args.lr * args.epochs / args.warmup_epochs:.3g}; lower --warmup_epochs to reach {args.lr:.3g})')
 
 
 def prepare_training(args, raw_model, dataset, rank, world_size, device, describe=''):
@@ -544,18 +660,20 @@ def prepare_training(args, raw_model, dataset, rank, world_size, device, describ
     carry '_orig_mod.' or 'module.' prefixes. -> (model to train, loader, sampler, optimizer,
     start_epoch, step).
     """
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
+    make_output_dir(args.output_dir)
+    check_mask_ratio(args.mask_ratio, raw_model.num_patches)
     loader, sampler = make_loader(dataset, args.batch_size, rank, world_size, args.num_workers,
                                   seed=args.seed, accum_iter=args.accum_iter)
     eff_batch = scale_lr(args, world_size)
     optimizer = adamw(raw_model, args, device)
-    start_epoch, step, _ = resume(args, raw_model, optimizer)
+    start_epoch, step, ckpt = resume(args, raw_model, optimizer)
     model = wrap_ddp(torch.compile(raw_model) if args.compile else raw_model, device, world_size)
     if rank == 0:
+        remove_stale_temp_files(args.output_dir)
+        start_log(args, start_epoch if ckpt is not None else None)
         print(f'{args.model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M params, '
               f'{len(dataset)} images, effective batch {eff_batch}, lr {args.lr:.3g}, {describe}, '
-              f'from epoch {start_epoch} (step {step})', flush=True)
+              f'from epoch {start_epoch} (step {step}){warmup_note(args)}', flush=True)
         print(f'recipe: crop {args.crop}, weight decay {args.weight_decay} on the {args.wd_rule} groups '
               f'(common.param_groups), norm_pix {"on" if args.norm_pix_loss else "off"}', flush=True)
     return model, loader, sampler, optimizer, start_epoch, step
@@ -569,11 +687,16 @@ def epochs(args, sampler, rank, start_epoch):
         yield epoch
 
 
-def save_training_state(args, model, optimizer, epoch, step, **extra):
-    """checkpoint-last.pth every epoch; checkpoint-<epoch>.pth every --save_freq and at the end."""
-    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
-             'step': step, 'args': vars(args), **extra}
+def save_training_state(args, model, optimizer, epoch, step, rank=0, **extra):
+    """checkpoint-last.pth every epoch; checkpoint-<epoch>.pth every --save_freq and at the end.
+
+    Rank 0 alone writes; every rank gets the path back (error messages name it).
+    """
     last = os.path.join(args.output_dir, 'checkpoint-last.pth')
+    if rank != 0:
+        return last
+    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+             'step': step, 'args': vars(args), 'script': script_of(vars(args)), **extra}
     save_checkpoint(state, last)
     if epoch % args.save_freq == 0 or epoch == args.epochs:
         save_checkpoint(state, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
@@ -588,8 +711,41 @@ def progress(iterable, rank, **kw):
     return tqdm(iterable, disable=rank != 0 or not sys.stderr.isatty(), leave=False, **kw)
 
 
+def start_log(args, resumed_epoch=None):
+    """<output_dir>/log.jsonl holds one run: a fresh run (resumed_epoch None) starts it empty; a resumed
+    run keeps the lines up to the epoch it resumed from and appends, so a plot never mixes runs."""
+    path = os.path.join(args.output_dir, 'log.jsonl')
+
+    def before_resume(line):
+        try:
+            return json.loads(line).get('epoch', 0) <= resumed_epoch
+        except ValueError:                                               # a line cut short by a kill
+            return False
+
+    kept = []
+    if resumed_epoch is not None and os.path.isfile(path):
+        with open(path) as f:
+            kept = [line for line in f if before_resume(line)]
+    with open(path, 'w') as f:
+        f.writelines(kept)
+
+
+def make_output_dir(path):
+    """Create --output_dir and write a test file there, so a bad path fails before any work, in one line."""
+    test = os.path.join(path, f'.write_test{os.getpid()}')
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(test, 'w'):
+            pass
+        os.remove(test)
+    except OSError as e:
+        cause = ('it is an existing file' if os.path.isfile(path) else
+                 'a folder on the way is an existing file' if e.errno == errno.ENOTDIR else e.strerror)
+        raise InputError(f'cannot write to --output_dir {path} ({cause}): pass a folder you can write to') from None
+
+
 def log_epoch(args, rank, stats):
-    """Rank 0: print one line and append a JSON line to <output_dir>/log.jsonl."""
+    """Rank 0: print one line and append a JSON line to <output_dir>/log.jsonl (see start_log)."""
     if rank != 0:
         return
     shown = ' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in stats.items())
@@ -622,18 +778,47 @@ def add_common_args(parser):
     a('--print_freq', type=int, default=50, help='steps between loss syncs (NaN check, progress bar)')
 
 
+# Flags that are errors when negative or non-finite (if a script has them; None = left to the script).
+NON_NEGATIVE = ('lr', 'blr', 'min_lr', 'weight_decay', 'warmup_epochs', 'num_workers')
+AT_LEAST_ONE = ('epochs', 'accum_iter', 'save_freq', 'print_freq', 'knn_k')
+UNIT_INTERVAL = ('ema_momentum', 'ema_end')                              # momentum values
+
+
+def check_flags(args):
+    """One check of the shared numeric flags, before any work: a bad value is a one-line InputError."""
+    for name in NON_NEGATIVE + AT_LEAST_ONE + UNIT_INTERVAL + ('knn_t',):
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        if not math.isfinite(v):
+            raise InputError(f'--{name} {v} is not a finite number: pass a number such as the default')
+        if name in NON_NEGATIVE and v < 0:
+            raise InputError(f'--{name} {v} is negative: pass 0 or more')
+        if name in AT_LEAST_ONE and v < 1:
+            raise InputError(f'--{name} {v} < 1: pass at least 1' + (
+                ' (--epochs 0 would train nothing)' if name == 'epochs' else ''))
+        if name in UNIT_INTERVAL and not 0 <= v <= 1:
+            raise InputError(f'--{name} {v} is outside [0, 1]: EMA momentum is a fraction (0.996 -> 1 in the paper)')
+        if name == 'knn_t' and v <= 0:
+            raise InputError(f'--knn_t {v} must be positive: votes are weighted by exp(similarity / t)')
+
+
 def run(main, parser, presets=None):
     """Parse flags (a --preset supplies defaults that explicit flags override) and run main.
 
-    InputError / NonFiniteLossError end the program with one line naming the problem and the fix.
+    Flags and --output_dir are checked first. InputError / NonFiniteLossError / DiskFullError end
+    the program with one line naming the problem and the fix, exit code 2.
     """
     args, _ = parser.parse_known_args()
     if presets and getattr(args, 'preset', None):
         parser.set_defaults(**presets[args.preset])
     args = parser.parse_args()
     try:
+        check_flags(args)
+        if getattr(args, 'output_dir', None):
+            make_output_dir(args.output_dir)
         main(args)
-    except (InputError, NonFiniteLossError) as e:
+    except (InputError, NonFiniteLossError, DiskFullError) as e:
         # A loader worker wraps the message in its traceback; the last line is ours.
         msg = re.sub(r'^[\w.]*Error: ', '', str(e).strip().splitlines()[-1])
         print(f'{parser.prog}: error: {msg}', file=sys.stderr)

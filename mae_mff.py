@@ -23,8 +23,8 @@ import torch.nn as nn
 from common import (WD_RULES, Block, InputError, LayerNorm, LossTracker, VIT_SIZES, ViTEncoder, add_common_args,
                     autocast, build_dataset, epochs, init_distributed, init_weights, log_epoch, lr_at, masked_mse,
                     no_sync_unless, patchify, pixel_targets, prepare_training, progress, random_masking,
-                    restore_order, run, save_training_state, set_lr, sincos_pos_embed_2d, train_transform,
-                    unpatchify, use_recipe)
+                    restore_order, resume_path, run, save_training_state, set_lr, sincos_pos_embed_2d,
+                    train_transform, unpatchify, use_recipe)
 
 
 def paper_mff_layers(depth):
@@ -257,12 +257,11 @@ def main(args):
     model, loader, sampler, optimizer, start_epoch, step = prepare_training(
         args, raw_model, dataset, rank, world_size, device,
         f'{reference}, mff_layers {raw_model.mff_layers or "off"}')
-    last_ckpt = None
+    last_ckpt = resume_path(args)                                        # named if the loss goes bad
     for epoch in epochs(args, sampler, rank, start_epoch):
         step, loss, speed = train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank,
                                             world_size, last_ckpt)
-        if rank == 0:                                                    # rank 0 alone writes
-            last_ckpt = save_training_state(args, raw_model, optimizer, epoch + 1, step)
+        last_ckpt = save_training_state(args, raw_model, optimizer, epoch + 1, step, rank)  # rank 0 writes
         log_epoch(args, rank, {'epoch': epoch + 1, 'step': step, 'loss': loss,
                                'lr': optimizer.param_groups[0]['lr'], 'images_per_s': round(speed, 1),
                                'fusion_weights': raw_model.fusion_weights()})

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from common import (Block, InputError, LayerNorm, LossTracker, VIT_SIZES, ViTEncoder, autocast, build_dataset,
                     encoder_state_dict, epochs, init_distributed, init_weights, log_epoch, lr_at, masked_mse,
-                    no_sync_unless, pixel_targets, prepare_training, progress, random_masking, restore_order, run,
-                    save_training_state, set_lr, train_transform, use_recipe)
+                    no_sync_unless, pixel_targets, prepare_training, progress, random_masking, restore_order,
+                    resume_path, run, save_training_state, set_lr, train_transform, use_recipe)
 from mae_mff import MODELS, MultiLevelFusion, parse_mff_layers
 from mae_mff import get_args_parser as mae_args_parser
 
@@ -208,12 +208,11 @@ def main(args):
         f'{"on" if raw_model.cls_loss else "off"}, latent target {args.latent_target}, '
         f'mff_layers {raw_model.mff_layers or "off"}')
     total_steps = args.epochs * (len(loader) // args.accum_iter)         # momentum schedule length
-    last_ckpt = None
+    last_ckpt = resume_path(args)                                        # named if the loss goes bad
     for epoch in epochs(args, sampler, rank, start_epoch):
         step, losses, speed = train_one_epoch(model, raw_model, loader, optimizer, device, epoch, step,
                                               total_steps, args, rank, world_size, last_ckpt)
-        if rank == 0:
-            last_ckpt = save_training_state(args, raw_model, optimizer, epoch + 1, step)
+        last_ckpt = save_training_state(args, raw_model, optimizer, epoch + 1, step, rank)  # rank 0 writes
         log_epoch(args, rank, {'epoch': epoch + 1, 'step': step, **losses,
                                'lr': optimizer.param_groups[0]['lr'],
                                'ema_momentum': momentum_at(step, total_steps, args.ema_momentum, args.ema_end),

@@ -13,13 +13,14 @@ switches; `--mff_layers none` gives plain PixMIM.
     python pixmim_mff.py --preset laptop                          # built-in data, CPU, ~2.5 minutes
     torchrun --nproc_per_node=8 pixmim_mff.py --epochs 800 --data_path /imagenet
 """
+import math
 import time
 
 import torch
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, InputError, LossTracker, autocast, build_dataset, epochs,
-                    init_distributed, log_epoch, lr_at, no_sync_unless, prepare_training, progress, run,
-                    save_training_state, set_lr, train_transform, use_recipe)
+                    init_distributed, log_epoch, lr_at, no_sync_unless, prepare_training, progress, resume_path,
+                    run, save_training_state, set_lr, train_transform, use_recipe)
 from mae_mff import PRESETS as MAE_PRESETS
 from mae_mff import build_model, get_args_parser as mae_args_parser
 
@@ -48,6 +49,12 @@ def ideal_low_pass(x, radius):
     keep = (i[:, None] ** 2 + j[None, :] ** 2 <= radius ** 2)           # (H, W) bool
     spec = torch.fft.ifftshift(spec * keep, dim=(-2, -1))
     return torch.fft.ifft2(spec).abs()                                    # (N, C, H, W)
+
+
+def smallest_radius(size):
+    """Distance of the DC bin (index size // 2 after fftshift) from the mask centre (size-1)/2 on both
+    axes: 0.71 px for even sizes, 0 for odd. A smaller radius keeps nothing."""
+    return math.hypot(size // 2 - (size - 1) / 2, size // 2 - (size - 1) / 2)
 
 
 @torch.no_grad()
@@ -110,20 +117,22 @@ def train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank, w
 def main(args):
     rank, world_size, device = init_distributed()
     reference = resolve_recipe(args)
-    if lpf_radius(args) <= 0:
-        raise InputError(f'--lpf_radius {args.lpf_radius} must be positive (40 at 224 px keeps the low band)')
+    if lpf_radius(args) < smallest_radius(args.input_size) or lpf_radius(args) <= 0:
+        smallest = math.ceil(smallest_radius(args.input_size) * 1e4) / 1e4  # rounded up: it keeps DC
+        raise InputError(f'--lpf_radius {args.lpf_radius} keeps no frequency, not even the mean (DC), so the target '
+                         f'is all zeros: use {f"at least {smallest:g}" if smallest else "more than 0"} at '
+                         f'{args.input_size} px (the paper\'s 40 x input_size / 224 is {40 * args.input_size / 224:.3g})')
     torch.manual_seed(args.seed)
     raw_model = build_model(args).to(device)
     dataset = build_dataset(args, 'train', train_transform(args.input_size, args.crop))
     model, loader, sampler, optimizer, start_epoch, step = prepare_training(
         args, raw_model, dataset, rank, world_size, device, f'{reference}, low-pass radius '
         f'{lpf_radius(args):.3g} px, mff_layers {raw_model.mff_layers or "off"}')
-    last_ckpt = None
+    last_ckpt = resume_path(args)                                        # named if the loss goes bad
     for epoch in epochs(args, sampler, rank, start_epoch):
         step, loss, speed = train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank,
                                             world_size, last_ckpt)
-        if rank == 0:
-            last_ckpt = save_training_state(args, raw_model, optimizer, epoch + 1, step)
+        last_ckpt = save_training_state(args, raw_model, optimizer, epoch + 1, step, rank)  # rank 0 writes
         log_epoch(args, rank, {'epoch': epoch + 1, 'step': step, 'loss': loss,
                                'lr': optimizer.param_groups[0]['lr'], 'images_per_s': round(speed, 1),
                                'fusion_weights': raw_model.fusion_weights()})

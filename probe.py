@@ -28,8 +28,8 @@ from torchvision import transforms
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, InputError, NonFiniteLossError, ViTEncoder, autocast,
                     build_dataset, encoder_state_dict, eval_transform, init_distributed, load_checkpoint,
-                    load_matching_state, log_epoch, lr_at, make_loader, no_sync_unless, progress, run, seed_epoch,
-                    set_lr, wrap_ddp)
+                    load_matching_state, log_epoch, lr_at, make_loader, make_output_dir, no_sync_unless, progress,
+                    run, seed_epoch, set_lr, start_log, warmup_note, wrap_ddp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,12 +190,23 @@ def batches(encoder, source, args, device, shuffle):
 
 
 def gather(x, world_size):
-    """All ranks' shards concatenated (DistributedSampler pads shards to equal length)."""
+    """All ranks' evaluation shards -> the whole split in dataset order, each image once.
+
+    Rank r holds images r, r+W, ... (common.EvalShard), so shards differ in length by one at most:
+    gather the lengths, pad to the longest for all_gather, then drop the padding.
+    """
     if world_size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(parts, x)
-    return torch.cat(parts)
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
+    sizes = [int(n) for n in sizes]
+    padded = torch.cat([x, x.new_zeros(max(sizes) - len(x), *x.shape[1:])])
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    out = x.new_empty(sum(sizes), *x.shape[1:])
+    for r, (part, n) in enumerate(zip(parts, sizes)):
+        out[r::world_size] = part[:n]
+    return out
 
 
 def topk_hits(scores, y, num_classes):
@@ -248,6 +259,10 @@ def train_probe(encoder, train_src, val_src, num_classes, args, device, rank=0, 
     optimizer = lars(head, args)
     cached = isinstance(train_src, tuple)
     micro = len(train_src[1]) // args.batch_size if cached else len(train_src)
+    if cached and world_size > 1:                # unpadded shards may differ by one image: same steps on all ranks
+        micro_t = torch.tensor(micro, device=device)
+        dist.all_reduce(micro_t, op=dist.ReduceOp.MIN)
+        micro = int(micro_t)
     steps = micro // args.accum_iter * args.accum_iter                   # drop a ragged accumulation tail
     if steps == 0:
         raise InputError(f'{micro * args.batch_size} training images per process, fewer than --batch_size '
@@ -273,7 +288,9 @@ def train_probe(encoder, train_src, val_src, num_classes, args, device, rank=0, 
             if last_micro:
                 optimizer.step()
             loss_sum += loss.detach()
-        loss = float(loss_sum) / steps                                   # one host sync per epoch
+        if world_size > 1:                       # a NaN on any rank stops all of them; the global mean is logged
+            dist.all_reduce(loss_sum)
+        loss = float(loss_sum) / (steps * world_size)                    # one host sync per epoch
         if not math.isfinite(loss):
             raise NonFiniteLossError(f'non-finite probe loss in epoch {epoch}: lower --blr')
         seconds = time.time() - start
@@ -340,8 +357,9 @@ def main(args):
                          f'use 0..{encoder.depth - 1}, or -1 for the last')
     args.layer %= encoder.depth
     args.input_size = encoder.patch_embed.img_size[0]                   # the size it was pre-trained at
+    make_output_dir(args.output_dir)
     if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
+        start_log(args)                                                  # log.jsonl: this run only
     train_set = build_dataset(args, 'train', probe_train_transform(args.input_size) if args.aug
                               else eval_transform(args.input_size))
     val_set = build_dataset(args, 'val', eval_transform(args.input_size))
@@ -360,7 +378,7 @@ def main(args):
               f'{len(val_set)} val images, {num_classes} classes, '
               f'{"re-encoding each batch" if args.aug else f"cached in {time.time() - start:.1f}s"}'
               + ('' if args.knn else f', effective batch {args.eff_batch} ({args.batch_size} x {args.accum_iter} '
-                 f'accum_iter x {world_size} processes), lr {args.lr:.3g}'), flush=True)
+                 f'accum_iter x {world_size} processes), lr {args.lr:.3g}{warmup_note(args)}'), flush=True)
     result = {'checkpoint': args.checkpoint, 'pool': args.pool, 'layer': args.layer, 'num_classes': num_classes,
               'data': args.data_path or f'builtin:{args.builtin_label}', 'args': vars(args)}
     if args.knn:

@@ -975,3 +975,323 @@ def test_probe_accum_iter_steps_once_per_accumulation(monkeypatch, tmp_path):
     with pytest.raises(InputError, match='accum_iter'):
         probe.train_probe(encoder, cache, cache, 4, probe_args('--checkpoint', 'x', '--batch_size', '16',
                                                                '--accum_iter', '6'), torch.device('cpu'))
+
+
+# ---------------------------------------------------------------------------------------------- RELIABILITY
+# Every bad input or fault found by the drill of issue 10 ends in one clear line; distributed runs
+# neither hang nor miscount; a full disk loses nothing.
+
+def run_cli(script, argv, monkeypatch, capsys):
+    """common.run in-process as `python script argv` would; -> (exit code or None, stdout, stderr)."""
+    module = importlib.import_module(script[:-3])
+    monkeypatch.setattr(sys, 'argv', [script, *map(str, argv)])
+    code = None
+    try:
+        common.run(module.main, module.get_args_parser(), getattr(module, 'PRESETS', None))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err.strip()
+
+
+def fails_in_one_line(script, argv, monkeypatch, capsys, *words):
+    code, _, err = run_cli(script, argv, monkeypatch, capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and 'Traceback' not in err, err[-2000:]
+    for w in words:
+        assert w in err, err
+    return err
+
+
+@pytest.fixture(scope='module')
+def finished_runs(tmp_path_factory):
+    """A 1-epoch mae_mff.py run and a 1-epoch pilamim.py run (2 steps each): {script: output dir}."""
+    runs = {}
+    for script in ('mae_mff.py', 'pilamim.py'):
+        out = tmp_path_factory.mktemp(script[:-3])
+        in_process(script, out, '--epochs', '1')
+        runs[script] = out
+    return runs
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize('script', ['mae_mff.py', 'pixmim_mff.py', 'pilamim.py'])
+@pytest.mark.parametrize('ratio', ['0.0', '-0.5', '1.0', '1.5'])
+def test_mask_ratio_leaving_no_visible_or_no_masked_patch_is_refused(tmp_path, monkeypatch, capsys, script, ratio):
+    # 16 px / patch 4 = 16 patches: ratios in (0, 15/16] leave 1..15 patches visible
+    fails_in_one_line(script, [*METHOD_CLI, '--output_dir', tmp_path, '--mask_ratio', ratio], monkeypatch, capsys,
+                      f'--mask_ratio {float(ratio)}', 'at most 0.9375', '1 to 15')
+    common.check_mask_ratio(0.9375, 16)                                  # the edge itself works
+    assert int(16 * (1 - 0.9375)) == 1
+
+
+@pytest.mark.parametrize('script,flags,words', [
+    ('mae_mff.py', ['--lr', 'nan'], '--lr nan is not a finite'),
+    ('mae_mff.py', ['--lr', '-1'], '--lr -1.0 is negative'),
+    ('pixmim_mff.py', ['--blr=-1e-3'], '--blr -0.001 is negative'),
+    ('pixmim_mff.py', ['--min_lr', 'inf'], '--min_lr inf is not a finite'),
+    ('pilamim.py', ['--weight_decay', '-0.05'], '--weight_decay -0.05 is negative'),
+    ('pilamim.py', ['--ema_momentum', '1.5'], '--ema_momentum 1.5 is outside [0, 1]'),
+    ('pilamim.py', ['--ema_end', '-0.1'], '--ema_end -0.1 is outside [0, 1]'),
+    ('mae_mff.py', ['--epochs', '-3'], '--epochs -3 < 1'),
+    ('mae_mff.py', ['--print_freq', '0'], '--print_freq 0 < 1'),
+    ('probe.py', ['--lr', 'nan'], '--lr nan is not a finite'),
+    ('probe.py', ['--blr', '-1'], '--blr -1.0 is negative'),
+    ('probe.py', ['--epochs', '0'], '--epochs 0 < 1'),
+    ('probe.py', ['--knn', '--knn_t', '0'], '--knn_t 0.0 must be positive'),
+])
+def test_bad_numeric_flags_are_one_line_errors(tmp_path, monkeypatch, capsys, script, flags, words):
+    base = ['--checkpoint', tmp_path / 'none.pth'] if script == 'probe.py' else METHOD_CLI
+    fails_in_one_line(script, [*base, '--output_dir', tmp_path / 'out', *flags], monkeypatch, capsys, words)
+
+
+def test_zero_epochs_and_resuming_a_finished_run_say_so(finished_runs, tmp_path, monkeypatch, capsys):
+    fails_in_one_line('pilamim.py', [*METHOD_CLI, '--output_dir', tmp_path / 'zero', '--epochs', '0'],
+                      monkeypatch, capsys, '--epochs 0 < 1', 'train nothing')
+    out = copy_run(finished_runs['mae_mff.py'], tmp_path / 'done')
+    fails_in_one_line('mae_mff.py', [*METHOD_CLI, '--output_dir', out, '--epochs', '1', '--resume', 'auto'],
+                      monkeypatch, capsys, 'finished epoch 1 of --epochs 1', 'pass --epochs larger than 1')
+
+
+@pytest.mark.parametrize('script', ['mae_mff.py', 'pixmim_mff.py', 'pilamim.py', 'probe.py'])
+def test_output_dir_that_cannot_be_written_is_named_before_any_work(tmp_path, monkeypatch, capsys, script):
+    a_file = tmp_path / 'taken'
+    a_file.write_text('not a folder')
+    base = ['--checkpoint', tmp_path / 'none.pth'] if script == 'probe.py' else METHOD_CLI
+    fails_in_one_line(script, [*base, '--output_dir', a_file], monkeypatch, capsys,
+                      f'--output_dir {a_file}', 'is an existing file')
+    fails_in_one_line(script, [*base, '--output_dir', a_file / 'run'], monkeypatch, capsys,
+                      f'--output_dir {a_file / "run"}', 'is an existing file')
+
+
+def disk_fills_after(limit):
+    """A torch.save whose file write fails with ENOSPC after `limit` bytes, as a full disk does."""
+    import errno
+    import io
+    real_save = torch.save
+
+    class FullDisk(io.RawIOBase):
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > limit:
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            return self.f.write(b)
+
+    return lambda obj, f: real_save(obj, FullDisk(f))
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch, capsys):
+    path = str(tmp_path / 'checkpoint-last.pth')
+    common.save_checkpoint({'w': torch.ones(1000)}, path)
+    with monkeypatch.context() as m:
+        m.setattr(torch, 'save', disk_fills_after(2000))                 # half-way through the new file
+        with pytest.raises(common.DiskFullError, match='disk full.*previous .* is intact'):
+            common.save_checkpoint({'w': torch.zeros(1000)}, path)
+    assert os.listdir(tmp_path) == ['checkpoint-last.pth']               # the partial file is gone
+    assert torch.equal(common.load_checkpoint(path)['w'], torch.ones(1000))
+    # the same through a training run: one line, exit 2, nothing partial left behind
+    monkeypatch.setattr(torch, 'save', disk_fills_after(2000))
+    out = tmp_path / 'run'
+    fails_in_one_line('mae_mff.py', [*METHOD_CLI, '--output_dir', out, '--epochs', '1'], monkeypatch, capsys,
+                      'disk full while writing', 'free space')
+    assert not [f for f in os.listdir(out) if '.tmp' in f]
+
+
+def poison_loss(monkeypatch):
+    """Every loss the tracker sees becomes NaN (the model itself is untouched)."""
+    add = common.LossTracker.add
+    monkeypatch.setattr(common.LossTracker, 'add', lambda self, step, *v: add(self, step, *(x * math.nan for x in v)))
+
+
+def test_non_finite_loss_after_resume_names_the_checkpoint(finished_runs, tmp_path, monkeypatch, capsys):
+    out = copy_run(finished_runs['mae_mff.py'], tmp_path / 'run')
+    poison_loss(monkeypatch)
+    err = fails_in_one_line('mae_mff.py', [*METHOD_CLI, '--output_dir', out, '--resume', 'auto'], monkeypatch, capsys,
+                            'non-finite loss at step 3', f'{out / "checkpoint-last.pth"} is intact')
+    assert 'no checkpoint yet' not in err
+
+
+def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / f'checkpoint-last.pth.tmp{dead.pid}').write_bytes(b'partial')
+    (out / 'checkpoint-4.pth.tmp1').write_bytes(b'pid 1 still runs')      # a live writer: keep
+    in_process('mae_mff.py', out, '--epochs', '1')
+    assert not (out / f'checkpoint-last.pth.tmp{dead.pid}').exists() and (out / 'checkpoint-4.pth.tmp1').exists()
+
+
+def test_messages_point_to_the_right_flag_and_script(finished_runs, tmp_path):
+    args = probe_args('--checkpoint', str(tmp_path / 'missing.pth'))
+    for bad in (tmp_path / 'missing.pth', tmp_path / 'corrupt.pth'):
+        (tmp_path / 'corrupt.pth').write_bytes(b'not a checkpoint')
+        with pytest.raises(InputError) as e:
+            probe.load_encoder(str(bad), args)
+        assert '--checkpoint' in str(e.value) and '--resume' not in str(e.value)
+    pila = finished_runs['pilamim.py'] / 'checkpoint-last.pth'
+    with pytest.raises(InputError, match=f'written by pilamim.py, not mae_mff.py.*python pilamim.py --resume {pila}'):
+        mae_mff.main(mae_mff.get_args_parser().parse_args([*METHOD_CLI, '--output_dir', str(tmp_path / 'a'),
+                                                           '--resume', str(pila)]))
+    old = torch.load(finished_runs['mae_mff.py'] / 'checkpoint-last.pth', weights_only=True)
+    assert old.pop('script') == 'mae_mff.py'                             # recorded; older ones lack it:
+    torch.save(old, tmp_path / 'old.pth')
+    pilamim = importlib.import_module('pilamim')
+    with pytest.raises(InputError, match='written by mae_mff.py, not pilamim.py'):
+        pilamim.main(pilamim.get_args_parser().parse_args([*METHOD_CLI, '--output_dir', str(tmp_path / 'b'),
+                                                           '--resume', str(tmp_path / 'old.pth')]))
+
+
+def test_long_warmup_is_announced_and_a_dc_free_low_pass_refused(tmp_path, monkeypatch, capsys):
+    import pixmim_mff
+    r = pixmim_mff.smallest_radius(16)
+    assert r == pytest.approx(0.5 ** 0.5) and pixmim_mff.smallest_radius(15) == 0
+    x = torch.rand(1, 3, 16, 16) + 0.5
+    assert ideal_low_pass(x, r).abs().max() > 0.4 and ideal_low_pass(x, 0.999 * r).abs().max() == 0
+    fails_in_one_line('pixmim_mff.py', [*METHOD_CLI, '--output_dir', tmp_path, '--lpf_radius', '0.7'],
+                      monkeypatch, capsys, '--lpf_radius 0.7 keeps no frequency', 'at least 0.7072 at 16 px')
+    code, out, _ = run_cli('mae_mff.py', [*METHOD_CLI, '--output_dir', tmp_path / 'w', '--epochs', '1',
+                                          '--warmup_epochs', '3', '--lr', '1e-3'], monkeypatch, capsys)
+    assert code is None and '--warmup_epochs 3 > --epochs 1: the lr only reaches 0.000333' in out
+
+
+def test_log_holds_one_run_fresh_runs_restart_it_resumed_runs_continue(finished_runs, pretrained, tmp_path):
+    out = copy_run(finished_runs['mae_mff.py'], tmp_path / 'run')
+    assert [r['epoch'] for r in in_process('mae_mff.py', out, '--epochs', '1')] == [1]      # fresh: anew
+    assert [r['epoch'] for r in in_process('mae_mff.py', out, '--resume', 'auto')] == [1, 2]  # resumed: appended
+    probe_out = str(tmp_path / 'probe')
+    for pool in ('cls', 'mean'):
+        probe.main(probe_args('--checkpoint', pretrained, '--pool', pool, '--builtin_size', '64', '--batch_size', '16', '--epochs', '2',
+                              '--warmup_epochs', '1', '--output_dir', probe_out))
+    assert [r['epoch'] for r in read_log(probe_out)] == [1, 2]
+    assert sorted(os.listdir(probe_out)) == ['log.jsonl', 'probe_cls_block1.json', 'probe_mean_block1.json']
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+NAN_ON_RANK1 = '''
+import math, os, sys
+sys.path.insert(0, {root!r})
+import common, mae_mff
+if os.environ['RANK'] == '1':        # only this rank sees a NaN loss; rank 0's stays finite
+    add = common.LossTracker.add
+    common.LossTracker.add = lambda self, step, *v: add(self, step, *(x * math.nan for x in v))
+sys.argv = ['mae_mff.py', *sys.argv[1:]]
+common.run(mae_mff.main, mae_mff.get_args_parser(), mae_mff.PRESETS)
+'''
+
+
+def test_non_finite_loss_on_one_rank_stops_all_ranks_with_the_same_line(tmp_path):
+    script = tmp_path / 'nan_rank1.py'
+    script.write_text(NAN_ON_RANK1.format(root=ROOT))
+    env = {**ENV, 'WORLD_SIZE': '2', 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(free_port())}
+    argv = [sys.executable, script, *CLI_TINY, '--epochs', '1', '--output_dir', tmp_path / 'out']
+    procs = [subprocess.Popen(list(map(str, argv)), env={**env, 'RANK': str(r), 'LOCAL_RANK': str(r)}, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        errs = [p.communicate(timeout=120)[1].strip() for p in procs]    # a hang would end in a timeout here
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], errs
+    assert all(len(e.splitlines()) == 1 for e in errs) and errs[0] == errs[1], errs
+    assert 'non-finite loss at step 1' in errs[0]
+
+
+EXACT_EVAL = '''
+import json, sys
+import torch
+sys.path.insert(0, {root!r})
+import probe
+from common import SyntheticShapes, ViTEncoder, eval_transform, init_distributed, make_loader
+rank, world, device = init_distributed()
+torch.manual_seed(0)
+encoder = ViTEncoder(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2).eval()
+train = SyntheticShapes(41, 16, transform=eval_transform(16))             # odd sizes: shards of 21/20 and 14/13
+val = SyntheticShapes(27, 16, seed=1, transform=eval_transform(16))
+loader = lambda ds: make_loader(ds, 8, rank, world, 0, train=False)[0]
+train_x, train_y = probe.extract(encoder, loader(train), 'mean', 1, True, device, rank)
+val_x, val_y = probe.extract(encoder, loader(val), 'mean', 1, True, device, rank)
+bank_x, bank_y = probe.gather(train_x, world), probe.gather(train_y, world)
+knn = probe.accuracy(probe.topk_hits(probe.knn_scores(bank_x, bank_y, val_x, 4, k=5), val_y, 4), world, 4)
+torch.manual_seed(1)
+head = torch.nn.Linear(32, 4)
+args = probe.get_args_parser().parse_args(['--checkpoint', 'x', '--pool', 'mean', '--layer', '1', '--batch_size', '7',
+                                           '--epochs', '1', '--warmup_epochs', '0', '--output_dir', sys.argv[2]])
+args.world_size = world
+probe.resolve_defaults(args)
+linear = [probe.evaluate(head, encoder, (val_x, val_y), 4, args, device, world),     # cached features
+          probe.evaluate(head, encoder, loader(val), 4, args, device, world)]        # re-encoded
+probe.train_probe(encoder, (train_x, train_y), (val_x, val_y), 4, args, device, rank, world)  # 3 vs 2 local steps
+if rank == 0:
+    json.dump({{'knn': knn, 'linear': linear, 'bank_y': bank_y.tolist(), 'bank_x': bank_x.sum().item()}},
+              open(sys.argv[1], 'w'))
+if world > 1:
+    torch.distributed.destroy_process_group()   # else gloo may abort the exit ("terminate called ...")
+'''
+
+
+def test_evaluation_under_torchrun_counts_every_image_once(tmp_path):
+    script = tmp_path / 'exact_eval.py'
+    script.write_text(EXACT_EVAL.format(root=ROOT))
+    subprocess.run([sys.executable, script, tmp_path / 'one.json', tmp_path], check=True, timeout=120, env=ENV,
+                   capture_output=True)
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', script,
+                    tmp_path / 'two.json', tmp_path], check=True, timeout=180, env=ENV)
+    one, two = json.load(open(tmp_path / 'one.json')), json.load(open(tmp_path / 'two.json'))
+    assert one['bank_y'] == two['bank_y'] == [SyntheticShapes(41, 16)[i][1] for i in range(41)]  # dataset order
+    assert two['bank_x'] == pytest.approx(one['bank_x'], rel=1e-5)
+    assert one['knn'] == two['knn'] and one['linear'] == two['linear']
+    assert one['linear'][0] == one['linear'][1] and round(one['knn'][0] * 27 / 100, 6) % 1 == 0   # hits of 27
+
+
+def children(pid):
+    """-> {rank: pid} of a torchrun agent's worker processes."""
+    workers = {}
+    for entry in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+            if ppid == pid:
+                env = dict(kv.split('=', 1) for kv in open(f'/proc/{entry}/environ').read().split('\0') if '=' in kv)
+                workers[int(env['RANK'])] = int(entry)
+        except (OSError, ValueError, KeyError, IndexError):
+            continue
+    return workers
+
+
+def test_a_killed_rank_brings_the_torchrun_job_down(tmp_path):
+    out = tmp_path / 'out'
+    job = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                            os.path.join(ROOT, 'mae_mff.py'), *CLI_TINY, '--epochs', '1000', '--output_dir', str(out)],
+                           cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not ((out / 'log.jsonl').exists() and (out / 'log.jsonl').read_text()) and time.time() < deadline:
+            time.sleep(0.1)
+        workers = children(job.pid)
+        assert sorted(workers) == [0, 1], workers
+        os.kill(workers[1], signal.SIGKILL)
+        killed = time.time()
+        _, err = job.communicate(timeout=90)                             # bounded: no hang in a collective
+        assert job.returncode != 0 and time.time() - killed < 90
+        assert 'ChildFailedError' in err or 'Signal 9' in err, err[-2000:]
+        assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['epoch'] >= 1   # --resume auto continues
+    finally:
+        job.kill()
+        for pid in children(job.pid).values():
+            os.kill(pid, signal.SIGKILL)
