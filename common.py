@@ -216,6 +216,66 @@ def load_matching_state(module, state_dict, source, strict=True):
     return missing, unexpected
 
 
+# Reading the encoder of any checkpoint (probe.py, finetune.py): ours ({'model', 'args', ...}), official MAE
+# ({'model'}), or a bare timm ViT state dict.
+
+def size_of(model_name):
+    """'mae_vit_tiny_patch16' -> ('tiny', 16); any script's '<x>_vit_<size>_patch<p>' name works."""
+    m = re.search(r'vit_([a-z]+)_patch(\d+)', model_name or '')
+    return (m.group(1), int(m.group(2))) if m and m.group(1) in VIT_SIZES else (None, None)
+
+
+def read_architecture(state, recorded, num_heads_flag):
+    """Shapes in the weights are the truth; only num_heads (it has no shape) needs a name or a flag."""
+    dim = state['cls_token'].shape[-1]
+    depth = 1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.'))
+    patch = state['patch_embed.proj.weight'].shape[-1]
+    grid = math.isqrt(state['pos_embed'].shape[1] - 1)                   # pos_embed (1, 1 + g*g, D)
+    size = size_of(recorded.get('model'))[0] or next((s for s, v in VIT_SIZES.items() if v['embed_dim'] == dim), None)
+    heads = VIT_SIZES[size]['num_heads'] if size else num_heads_flag
+    if heads is None:
+        raise InputError(f'width {dim} is no standard ViT size, so the number of heads is unknown: pass --num_heads')
+    return dict(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+                mlp_ratio=state['blocks.0.mlp.fc1.weight'].shape[0] / dim)
+
+
+def read_encoder(path, args, check_input_size=True):
+    """-> (encoder state dict, architecture, whole checkpoint). Flags that contradict the weights are an error.
+
+    --model/--patch_size/--num_heads (and --input_size, unless the caller resizes to it) are only checks.
+    """
+    ckpt = load_checkpoint(path)
+    state = ckpt['model'] if isinstance(ckpt.get('model'), dict) else ckpt    # ours/official, or timm's bare dict
+    state = encoder_state_dict(state)                # context encoder for PiLaMIM; drops decoder, MFF, head
+    if 'cls_token' not in state or 'patch_embed.proj.weight' not in state or 'pos_embed' not in state:
+        raise InputError(f'{path} holds no ViT encoder with a [cls] token (patch_embed.*, cls_token, pos_embed, '
+                         'blocks.*): pass a checkpoint of our scripts, an official MAE one or a timm ViT state dict')
+    recorded = ckpt['args'] if isinstance(ckpt.get('args'), dict) else {}
+    arch = read_architecture(state, recorded, args.num_heads)
+    wanted = {}
+    if args.model:
+        size, patch = size_of(args.model)
+        if size is None:
+            raise InputError(f"--model '{args.model}' names no ViT size: use e.g. mae_vit_base_patch16, or omit it")
+        wanted.update(VIT_SIZES[size], patch_size=patch)
+    wanted.update({k: v for k, v in (('patch_size', args.patch_size),
+                                     ('img_size', args.input_size if check_input_size else None),
+                                     ('num_heads', args.num_heads)) if v})
+    clash = [f'{k} {arch[k]} there, {v} asked' for k, v in wanted.items() if arch[k] != v]
+    if clash:
+        raise InputError(f'{path} was made for another architecture ({", ".join(clash)}): drop --model/--input_size/'
+                         '--patch_size/--num_heads (they are read from the checkpoint) or pass the right checkpoint')
+    return state, arch, ckpt
+
+
+def load_encoder(path, args):
+    """-> frozen ViTEncoder in eval mode (probing). The weights are never partly loaded."""
+    state, arch, _ = read_encoder(path, args)
+    encoder = ViTEncoder(**arch)
+    load_matching_state(encoder, state, path)                             # strict: every encoder key
+    return encoder.requires_grad_(False).eval()
+
+
 # ----------------------------------------------------------------------------------------------
 # Data: ImageNet-style folders, or the built-in procedurally generated shapes.
 
