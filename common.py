@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import os
+import random
 import re
 import sys
 from contextlib import nullcontext
@@ -327,6 +328,11 @@ class SyntheticShapes(torch.utils.data.Dataset):
             img[inside] = rng.uniform(0.55, 1.0, 3)                       # bright object colour
         return (np.clip(img, 0, 1) * 255).astype(np.uint8), shape, count
 
+    @property
+    def targets(self):
+        """Every image's label, like ImageFolder.targets (draws each image once)."""
+        return [s if self.label == 'shape' else c - 1 for _, s, c in map(self.draw, range(self.num_images))]
+
     def __getitem__(self, i):
         pixels, shape, count = self.draw(i)
         img = Image.fromarray(pixels)
@@ -432,12 +438,15 @@ def no_sync_unless(model, sync):
 def seed_epoch(seed, epoch, rank):
     """Re-seed every RNG at an epoch start from (seed, epoch, rank) alone.
 
-    Masks, augmentations and loader worker seeds then depend only on where training is, so a run
-    resumed from an epoch checkpoint continues exactly as the uninterrupted run would have.
+    Masks, augmentations, Mixup and loader worker seeds then depend only on where training is, so a run
+    resumed from an epoch checkpoint continues exactly as the uninterrupted run would have. timm's
+    RandAugment, crops and erasing draw from python's `random` (in the main process with 0 workers;
+    DataLoader seeds each worker's `random` from the torch RNG), Mixup from numpy.
     """
-    state = np.random.SeedSequence([seed, epoch, rank]).generate_state(2)
+    state = np.random.SeedSequence([seed, epoch, rank]).generate_state(3)
     torch.manual_seed(int(state[0]))
     np.random.seed(int(state[1]))
+    random.seed(int(state[2]))                                           # timm's RandAugment, crops, erasing
 
 
 def autocast(device):
@@ -465,8 +474,9 @@ def lr_at(epoch, args):
 
 
 def set_lr(optimizer, lr):
+    """Set every group's lr, times the group's 'lr_scale' if it has one (layer-wise lr decay)."""
     for group in optimizer.param_groups:
-        group['lr'] = lr
+        group['lr'] = lr * group.get('lr_scale', 1.)
 
 
 NO_DECAY_NAMES = ('cls_token', 'pos_embed', 'mask_token', 'decoder_pos_embed')
