@@ -9,6 +9,7 @@ import errno
 import json
 import math
 import os
+import random
 import re
 import sys
 from contextlib import nullcontext
@@ -230,6 +231,67 @@ def load_matching_state(module, state_dict, source, strict=True):
     return missing, unexpected
 
 
+# Reading the encoder of any checkpoint (probe.py, finetune.py): ours ({'model', 'args', ...}), official MAE
+# ({'model'}), or a bare timm ViT state dict.
+
+def size_of(model_name):
+    """'mae_vit_tiny_patch16' -> ('tiny', 16); any script's '<x>_vit_<size>_patch<p>' name works."""
+    m = re.search(r'vit_([a-z]+)_patch(\d+)', model_name or '')
+    return (m.group(1), int(m.group(2))) if m and m.group(1) in VIT_SIZES else (None, None)
+
+
+def read_architecture(state, recorded, num_heads_flag):
+    """Shapes in the weights are the truth; only num_heads (it has no shape) needs a name or a flag."""
+    dim = state['cls_token'].shape[-1]
+    depth = 1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.'))
+    patch = state['patch_embed.proj.weight'].shape[-1]
+    grid = math.isqrt(state['pos_embed'].shape[1] - 1)                   # pos_embed (1, 1 + g*g, D)
+    size = size_of(recorded.get('model'))[0] or next((s for s, v in VIT_SIZES.items() if v['embed_dim'] == dim), None)
+    heads = VIT_SIZES[size]['num_heads'] if size else num_heads_flag
+    if heads is None:
+        raise InputError(f'width {dim} is no standard ViT size, so the number of heads is unknown: pass --num_heads')
+    return dict(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+                mlp_ratio=state['blocks.0.mlp.fc1.weight'].shape[0] / dim,
+                qkv_bias='blocks.0.attn.qkv.bias' in state)               # PiLaMIM's blocks have none
+
+
+def read_encoder(path, args, check_input_size=True):
+    """-> (encoder state dict, architecture, whole checkpoint). Flags that contradict the weights are an error.
+
+    --model/--patch_size/--num_heads (and --input_size, unless the caller resizes to it) are only checks.
+    """
+    ckpt = load_checkpoint(path)
+    state = ckpt['model'] if isinstance(ckpt.get('model'), dict) else ckpt    # ours/official, or timm's bare dict
+    state = encoder_state_dict(state)                # context encoder for PiLaMIM; drops decoder, MFF, head
+    if 'cls_token' not in state or 'patch_embed.proj.weight' not in state or 'pos_embed' not in state:
+        raise InputError(f'{path} holds no ViT encoder with a [cls] token (patch_embed.*, cls_token, pos_embed, '
+                         'blocks.*): pass a checkpoint of our scripts, an official MAE one or a timm ViT state dict')
+    recorded = ckpt['args'] if isinstance(ckpt.get('args'), dict) else {}
+    arch = read_architecture(state, recorded, args.num_heads)
+    wanted = {}
+    if args.model:
+        size, patch = size_of(args.model)
+        if size is None:
+            raise InputError(f"--model '{args.model}' names no ViT size: use e.g. mae_vit_base_patch16, or omit it")
+        wanted.update(VIT_SIZES[size], patch_size=patch)
+    wanted.update({k: v for k, v in (('patch_size', args.patch_size),
+                                     ('img_size', args.input_size if check_input_size else None),
+                                     ('num_heads', args.num_heads)) if v})
+    clash = [f'{k} {arch[k]} there, {v} asked' for k, v in wanted.items() if arch[k] != v]
+    if clash:
+        raise InputError(f'{path} was made for another architecture ({", ".join(clash)}): drop --model/--input_size/'
+                         '--patch_size/--num_heads (they are read from the checkpoint) or pass the right checkpoint')
+    return state, arch, ckpt
+
+
+def load_encoder(path, args):
+    """-> frozen ViTEncoder in eval mode (probing). The weights are never partly loaded."""
+    state, arch, _ = read_encoder(path, args)
+    encoder = ViTEncoder(**arch)
+    load_matching_state(encoder, state, path)                             # strict: every encoder key
+    return encoder.requires_grad_(False).eval()
+
+
 # ----------------------------------------------------------------------------------------------
 # Data: ImageNet-style folders, or the built-in procedurally generated shapes.
 
@@ -280,6 +342,11 @@ class SyntheticShapes(torch.utils.data.Dataset):
                 inside = (dx ** 2 + dy ** 2 <= r ** 2) & (dx ** 2 + dy ** 2 >= (0.55 * r) ** 2)
             img[inside] = rng.uniform(0.55, 1.0, 3)                       # bright object colour
         return (np.clip(img, 0, 1) * 255).astype(np.uint8), shape, count
+
+    @property
+    def targets(self):
+        """Every image's label, like ImageFolder.targets (draws each image once)."""
+        return [s if self.label == 'shape' else c - 1 for _, s, c in map(self.draw, range(self.num_images))]
 
     def __getitem__(self, i):
         pixels, shape, count = self.draw(i)
@@ -409,12 +476,15 @@ def no_sync_unless(model, sync):
 def seed_epoch(seed, epoch, rank):
     """Re-seed every RNG at an epoch start from (seed, epoch, rank) alone.
 
-    Masks, augmentations and loader worker seeds then depend only on where training is, so a run
-    resumed from an epoch checkpoint continues exactly as the uninterrupted run would have.
+    Masks, augmentations, Mixup and loader worker seeds then depend only on where training is, so a run
+    resumed from an epoch checkpoint continues exactly as the uninterrupted run would have. timm's
+    RandAugment, crops and erasing draw from python's `random` (in the main process with 0 workers;
+    DataLoader seeds each worker's `random` from the torch RNG), Mixup from numpy.
     """
-    state = np.random.SeedSequence([seed, epoch, rank]).generate_state(2)
+    state = np.random.SeedSequence([seed, epoch, rank]).generate_state(3)
     torch.manual_seed(int(state[0]))
     np.random.seed(int(state[1]))
+    random.seed(int(state[2]))                                           # timm's RandAugment, crops, erasing
 
 
 def autocast(device):
@@ -442,8 +512,9 @@ def lr_at(epoch, args):
 
 
 def set_lr(optimizer, lr):
+    """Set every group's lr, times the group's 'lr_scale' if it has one (layer-wise lr decay)."""
     for group in optimizer.param_groups:
-        group['lr'] = lr
+        group['lr'] = lr * group.get('lr_scale', 1.)
 
 
 WD_RULES = ('mae', 'mmpretrain', 'all')

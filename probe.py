@@ -10,13 +10,12 @@ an epoch of head training costs a pass over a tensor instead of a pass through t
     torchrun --nproc_per_node=8 probe.py --checkpoint mae_pretrain_vit_base.pth --data_path /imagenet
         # the MAE recipe by default: 2048 per GPU x accum_iter 1 x 8 GPUs = 16384, re-encoding (--aug)
 
-Sections: encoder loading -> pooling heads -> features/cache -> k-NN -> training loop -> CLI.
+Sections: pooling heads -> features/cache -> k-NN -> training loop -> CLI.
 """
 import argparse
 import json
 import math
 import os
-import re
 import time
 
 import torch
@@ -26,61 +25,9 @@ import torch.nn.functional as F
 from timm.optim import Lars
 from torchvision import transforms
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, InputError, NonFiniteLossError, ViTEncoder, autocast,
-                    build_dataset, encoder_state_dict, eval_transform, init_distributed, load_checkpoint,
-                    load_matching_state, log_epoch, lr_at, make_loader, make_output_dir, no_sync_unless, progress,
-                    run, seed_epoch, set_lr, start_log, warmup_note, wrap_ddp)
-
-
-# ----------------------------------------------------------------------------------------------
-# Encoder loading: our checkpoints ({'model', 'args', ...}), official MAE ({'model'}), timm state dicts.
-
-def size_of(model_name):
-    """'mae_vit_tiny_patch16' -> ('tiny', 16); any script's '<x>_vit_<size>_patch<p>' name works."""
-    m = re.search(r'vit_([a-z]+)_patch(\d+)', model_name or '')
-    return (m.group(1), int(m.group(2))) if m and m.group(1) in VIT_SIZES else (None, None)
-
-
-def read_architecture(state, recorded, num_heads_flag):
-    """Shapes in the weights are the truth; only num_heads (it has no shape) needs a name or a flag."""
-    dim = state['cls_token'].shape[-1]
-    depth = 1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.'))
-    patch = state['patch_embed.proj.weight'].shape[-1]
-    grid = math.isqrt(state['pos_embed'].shape[1] - 1)                   # pos_embed (1, 1 + g*g, D)
-    size = size_of(recorded.get('model'))[0] or next((s for s, v in VIT_SIZES.items() if v['embed_dim'] == dim), None)
-    heads = VIT_SIZES[size]['num_heads'] if size else num_heads_flag
-    if heads is None:
-        raise InputError(f'width {dim} is no standard ViT size, so the number of heads is unknown: pass --num_heads')
-    return dict(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
-                mlp_ratio=state['blocks.0.mlp.fc1.weight'].shape[0] / dim,
-                qkv_bias='blocks.0.attn.qkv.bias' in state)               # PiLaMIM's blocks have none
-
-
-def load_encoder(path, args):
-    """-> frozen ViTEncoder in eval mode. Flags that contradict the checkpoint are an error, never a partial load."""
-    ckpt = load_checkpoint(path)
-    state = ckpt['model'] if isinstance(ckpt.get('model'), dict) else ckpt    # ours/official, or timm's bare dict
-    state = encoder_state_dict(state)                # context encoder for PiLaMIM; drops decoder, MFF, head
-    if 'cls_token' not in state or 'patch_embed.proj.weight' not in state or 'pos_embed' not in state:
-        raise InputError(f'{path} holds no ViT encoder with a [cls] token (patch_embed.*, cls_token, pos_embed, '
-                         'blocks.*): pass a checkpoint of our scripts, an official MAE one or a timm ViT state dict')
-    recorded = ckpt['args'] if isinstance(ckpt.get('args'), dict) else {}
-    arch = read_architecture(state, recorded, args.num_heads)
-    wanted = {}
-    if args.model:
-        size, patch = size_of(args.model)
-        if size is None:
-            raise InputError(f"--model '{args.model}' names no ViT size: use e.g. mae_vit_base_patch16, or omit it")
-        wanted.update(VIT_SIZES[size], patch_size=patch)
-    wanted.update({k: v for k, v in (('patch_size', args.patch_size), ('img_size', args.input_size),
-                                     ('num_heads', args.num_heads)) if v})
-    clash = [f'{k} {arch[k]} there, {v} asked' for k, v in wanted.items() if arch[k] != v]
-    if clash:
-        raise InputError(f'{path} was made for another architecture ({", ".join(clash)}): drop --model/--input_size/'
-                         '--patch_size/--num_heads (they are read from the checkpoint) or pass the right checkpoint')
-    encoder = ViTEncoder(**arch)
-    load_matching_state(encoder, state, path)                             # strict: every encoder key
-    return encoder.requires_grad_(False).eval()
+from common import (IMAGENET_MEAN, IMAGENET_STD, InputError, NonFiniteLossError, autocast, build_dataset,
+                    eval_transform, init_distributed, load_encoder, log_epoch, lr_at, make_loader, make_output_dir,
+                    no_sync_unless, progress, run, seed_epoch, set_lr, start_log, warmup_note, wrap_ddp)
 
 
 # ----------------------------------------------------------------------------------------------

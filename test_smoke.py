@@ -1295,3 +1295,211 @@ def test_a_killed_rank_brings_the_torchrun_job_down(tmp_path):
         job.kill()
         for pid in children(job.pid).values():
             os.kill(pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------- finetune.py
+
+
+import finetune  # noqa: E402
+
+FT_ARCH = dict(img_size=16, patch_size=4, embed_dim=32, depth=12, num_heads=2, mlp_ratio=4.)
+# Tiny recipe on built-in data: 16 images per step, RandAugment + erasing + Mixup/CutMix on (the RNGs resume must restore).
+FT_CLI = ['--builtin_size', '64', '--batch_size', '16', '--epochs', '2', '--warmup_epochs', '1', '--blr', '1e-3',
+          '--num_workers', '0', '--save_freq', '1', '--print_freq', '2', '--aa', 'rand-m9-mstd0.5-inc1',
+          '--reprob', '0.25', '--mixup', '0.8', '--cutmix', '1.0', '--crop_min', '0.08']
+
+
+def finetune_run(*flags):
+    return finetune.main(finetune.get_args_parser().parse_args(list(map(str, flags))))
+
+
+def test_finetune_layer_decay_groups_follow_the_mae_rule():
+    model = finetune.vit_classifier(FT_ARCH, 10)
+    args = argparse.Namespace(weight_decay=0.05, layer_decay=0.65, lr=1.0)
+    optimizer = finetune.layer_decay_optimizer(model, args, torch.device('cpu'))
+    common.set_lr(optimizer, 2.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = set()
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            name = names[id(p)]
+            seen.add(name)
+            layer = 0 if name.startswith(('patch_embed.', 'cls_token', 'pos_embed')) else \
+                int(name.split('.')[1]) + 1 if name.startswith('blocks.') else 13
+            assert name.startswith(('fc_norm.', 'head.')) or layer < 13, name
+            assert group['lr_scale'] == pytest.approx(0.65 ** (13 - layer)), name
+            assert group['lr'] == pytest.approx(2.0 * 0.65 ** (13 - layer)), name
+            no_decay = p.ndim <= 1 or name in ('pos_embed', 'cls_token')
+            assert group['weight_decay'] == (0. if no_decay else 0.05), name
+    assert seen == {n for n, _ in model.named_parameters()} and 'norm.weight' not in seen  # encoder norm dropped
+
+
+def test_finetune_loads_the_encoder_and_resizes_the_position_embedding():
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(**TINY, mff_layers=[0, 3])
+    with torch.no_grad():
+        mae.pos_embed[:, 0] = torch.randn(32)                             # a cls row to keep
+    state = common.encoder_state_dict(mae.state_dict())
+    arch = dict(FT_ARCH, depth=4)
+    same = finetune.vit_classifier(arch, 5)
+    finetune.load_pretrained(same, state, 'mae')
+    assert torch.equal(same.pos_embed, mae.pos_embed) and same.pos_embed.requires_grad   # exact at the same size
+    assert torch.equal(same.blocks[3].mlp.fc2.weight, mae.blocks[3].mlp.fc2.weight)
+    assert same.head.weight.std() < 1e-4 and torch.equal(same.fc_norm.weight, torch.ones(32))
+    bigger = finetune.vit_classifier(dict(arch, img_size=24), 5)          # grid 4x4 -> 6x6
+    flat = dict(state, pos_embed=torch.cat([mae.pos_embed[:, :1], torch.full((1, 16, 32), 0.3)], 1))
+    finetune.load_pretrained(bigger, flat, 'mae')
+    assert bigger.pos_embed.shape == (1, 37, 32) and torch.equal(bigger.pos_embed[:, 0], mae.pos_embed[:, 0])
+    assert torch.allclose(bigger.pos_embed[:, 1:], torch.full((1, 36, 32), 0.3), atol=1e-5)  # constant stays so
+    with pytest.raises(InputError, match='does not fit a ViT classifier'):
+        finetune.load_pretrained(finetune.vit_classifier(arch, 5, cls_token=True),
+                                 {k: v for k, v in state.items() if not k.startswith('norm.')}, 'mae', cls_token=True)
+
+
+def test_low_shot_subset_is_stratified_deterministic_and_rank_independent():
+    targets = [0] * 100 + [1] * 50 + [2] * 10 + [0] * 30
+    picks = []
+    for global_seed in (1, 2):                                           # ranks differ in their global RNG state
+        torch.manual_seed(global_seed)
+        picks.append(finetune.low_shot_indices(targets, 0.1, seed=5))
+    assert picks[0] == picks[1] and picks[0] == sorted(set(picks[0]))
+    assert [sum(targets[i] == c for i in picks[0]) for c in range(3)] == [13, 5, 1]
+    assert finetune.low_shot_indices(targets, 0.1, seed=6) != picks[0]
+    assert finetune.low_shot_indices(targets, 1.0, seed=5) == list(range(len(targets)))
+
+
+def save_shapes(root, classes, n=3, size=16):
+    """An ImageNet-style folder of built-in images: root/<class>/<i>.png for the given shape classes."""
+    shapes = SyntheticShapes(64, size, seed=3)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        picked = [i for i in range(64) if shapes.SHAPES[shapes.draw(i)[1]] == c][:n]
+        for i in picked:
+            Image.fromarray(shapes.draw(i)[0]).save(root / c / f'{c}_{i}.png')
+
+
+def test_eval_path_scores_only_its_own_classes(tmp_path):
+    save_shapes(tmp_path / 'r', ['circle', 'ring'], n=2)
+    args = argparse.Namespace(eval_path=[str(tmp_path / 'r')], input_size=16)
+    (path, ds, ids), = finetune.eval_sets(args, list(SyntheticShapes.SHAPES))
+    assert ids == [0, 3] and ds.classes == ['circle', 'ring']
+
+    class Fixed(nn.Module):                                              # always: square first, then ring
+        def forward(self, x):
+            return torch.tensor([0., 10., 0., 5.]).expand(len(x), 4)
+    loader = make_loader(ds, 3, 0, 1, 0, train=False)[0]
+    assert finetune.evaluate(Fixed(), loader, torch.device('cpu'), 1, 4, ids) == (50.0, None)  # ring = 2 of 4
+    save_shapes(tmp_path / 'bad', ['circle'], n=1)
+    (tmp_path / 'bad' / 'dog').mkdir()
+    Image.new('RGB', (16, 16)).save(tmp_path / 'bad' / 'dog' / 'd.png')
+    with pytest.raises(InputError, match="not training classes.*'dog'"):
+        finetune.eval_sets(argparse.Namespace(eval_path=[str(tmp_path / 'bad')], input_size=16),
+                           list(SyntheticShapes.SHAPES))
+
+
+def test_short_finetune_improves_and_its_weights_load_into_timm(pretrained, tmp_path):
+    out = tmp_path / 'ft'
+    result = finetune_run('--checkpoint', pretrained, '--output_dir', out, *FT_CLI, '--builtin_size', '256',
+                          '--batch_size', '32', '--epochs', '4', '--blr', '4e-3', '--mixup', '0', '--cutmix', '0',
+                          '--aa', '', '--reprob', '0')
+    log = read_log(out)
+    assert [r['epoch'] for r in log] == [1, 2, 3, 4], log
+    assert log[-1]['loss'] < log[0]['loss'] - 0.05 and log[-1]['top1'] > log[0]['top1'] + 2, log  # 256 val images
+    assert result['top1'] == log[-1]['top1'] and result['best_top1'] == max(r['top1'] for r in log)
+    from timm.models.vision_transformer import VisionTransformer
+    vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=2, num_heads=3, global_pool='avg',
+                            num_classes=4).eval()
+    ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
+    vit.load_state_dict(ckpt['model'], strict=True)
+    ours = finetune.vit_classifier(dict(FT_ARCH, img_size=32, embed_dim=192, depth=2, num_heads=3), 4).eval()
+    ours.load_state_dict(ckpt['model'])
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(vit(imgs), ours(imgs), atol=1e-6)
+    evaluated = finetune_run('--eval', '--checkpoint', out / 'checkpoint-last.pth', '--output_dir', out, *FT_CLI,
+                             '--builtin_size', '256')                    # --eval alone: the same val top-1
+    assert evaluated['top1'] == result['top1'] and json.load(open(out / 'eval.json'))['top1'] == result['top1']
+
+
+def test_finetune_resume_after_an_epoch_equals_the_uninterrupted_run(pretrained, tmp_path):
+    full = finetune_run('--checkpoint', pretrained, '--output_dir', tmp_path / 'full', *FT_CLI)
+    resumed_dir = tmp_path / 'resumed'
+    resumed_dir.mkdir()
+    shutil.copy(tmp_path / 'full' / 'checkpoint-1.pth', resumed_dir / 'checkpoint-last.pth')  # "killed" after 1
+    resumed = finetune_run('--checkpoint', pretrained, '--output_dir', resumed_dir, '--resume', 'auto', *FT_CLI)
+    assert [r['epoch'] for r in read_log(resumed_dir)] == [2]
+    a = torch.load(tmp_path / 'full' / 'checkpoint-2.pth', weights_only=True)
+    b = torch.load(resumed_dir / 'checkpoint-2.pth', weights_only=True)
+    assert a['step'] == b['step'] == 8 and a['best_top1'] == b['best_top1']
+    for k in a['model']:                                                 # RandAugment, erasing, Mixup, drop path
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    assert full['top1'] == resumed['top1'] and read_log(tmp_path / 'full')[-1] == read_log(resumed_dir)[-1]
+
+
+FT_DDP_EVAL = '''
+import sys, torch
+sys.path.insert(0, {root!r})
+from common import init_distributed, make_loader
+from finetune import evaluate
+rank, world, device = init_distributed()
+labels = torch.tensor([0] * 10 + [1] * 27)                               # 37 images: two shards of 19 and 18
+data = torch.utils.data.TensorDataset(torch.zeros(37, 3, 4, 4), labels)
+
+class AlwaysZero(torch.nn.Module):
+    def forward(self, x):
+        return torch.tensor([1., 0.]).expand(len(x), 2)
+loader = make_loader(data, 4, rank, world, 0, train=False)[0]
+top1, _ = evaluate(AlwaysZero(), loader, device, world, 2)
+if rank == 0:
+    open(sys.argv[1], 'w').write(repr(top1))
+'''
+
+
+def test_finetune_two_process_evaluation_counts_every_image_once(tmp_path):
+    script = tmp_path / 'ddp_eval.py'
+    script.write_text(FT_DDP_EVAL.format(root=ROOT))
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', script,
+                    tmp_path / 'top1.txt'], check=True, timeout=120, capture_output=True, env=ENV)
+    assert float((tmp_path / 'top1.txt').read_text()) == pytest.approx(100 * 10 / 37)  # padding would give 11/38
+
+
+@pytest.fixture(scope='module')
+def shape_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp('shapes')
+    for split in ('train', 'val'):
+        save_shapes(root / split, ['circle', 'ring'], n=2)
+    return root
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--data_path', '{folders}/train'], 'no val/ folder'),
+    (['--data_path', '{folders}', '--eval_path', '{folders}/bad'], 'not training classes'),
+    (['--checkpoint', '{tmp}/no_vit.pth'], 'holds no ViT encoder'),
+    (['--train_fraction', '1.5'], r'outside \(0, 1\]'),
+    (['--train_fraction', '0'], r'outside \(0, 1\]'),
+    (['--data_path', '{folders}', '--subset_file', '{tmp}/1percent.txt'], 'names 1 images that are not in'),
+    (['--batch_size', '7'], '--batch_size 7 is odd'),
+    (['--batch_size', '1'], '--batch_size 1 is odd'),
+    (['--eval'], 'needs a fine-tuned checkpoint'),
+])
+def test_finetune_bad_input_is_one_line(pretrained, shape_folders, tmp_path, monkeypatch, capsys, flags, message):
+    save_checkpoint({'model': {'head.weight': torch.zeros(2, 2)}}, str(tmp_path / 'no_vit.pth'))
+    present = sorted(os.listdir(shape_folders / 'train' / 'circle'))[0]
+    (tmp_path / '1percent.txt').write_text(f'{present}\nn01440764_10026.JPEG\n')
+    save_shapes(shape_folders / 'bad', ['square'], n=1)                 # square is no training class there
+    flags = [f.format(tmp=tmp_path, folders=shape_folders) for f in flags]
+    if '--checkpoint' not in flags:
+        flags = ['--checkpoint', pretrained, *flags]
+    monkeypatch.setattr(sys, 'argv', ['finetune.py', *FT_CLI, '--output_dir', str(tmp_path / 'out'), *flags])
+    with pytest.raises(SystemExit) as e:
+        common.run(finetune.main, finetune.get_args_parser())
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_finetune_without_checkpoint_is_the_supervised_baseline(tmp_path, capsys):
+    result = finetune_run('--model', 'vit_tiny_patch8', '--input_size', '16', '--output_dir', tmp_path, *FT_CLI,
+                          '--epochs', '1')
+    assert 'from scratch (supervised baseline' in capsys.readouterr().out and result['checkpoint'] is None
+    ckpt = torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)
+    assert ckpt['model']['pos_embed'].shape == (1, 5, 192) and ckpt['classes'] == list(SyntheticShapes.SHAPES)
