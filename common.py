@@ -473,6 +473,24 @@ def no_sync_unless(model, sync):
     return model.no_sync() if isinstance(model, DistributedDataParallel) and not sync else nullcontext()
 
 
+def topk_hits(scores, y, num_classes):
+    """-> tensor [top-1 hits, top-5 hits (0 when < 5 classes), count]."""
+    top = scores.topk(min(5, num_classes), dim=1).indices                # (N, k)
+    hit = top == y[:, None]
+    return torch.stack([hit[:, 0].sum(), hit.any(1).sum() if num_classes >= 5 else hit[:, 0].sum() * 0,
+                        torch.tensor(len(y), device=y.device)]).double()
+
+
+def accuracy(hits, world_size, num_classes):
+    """Summed topk_hits of every rank -> (top-1 %, top-5 % or None). Evaluation shards are unpadded
+    (make_loader(train=False)), so under torchrun every image counts exactly once."""
+    if world_size > 1:
+        dist.all_reduce(hits)
+    top1, top5, n = hits.tolist()
+    n = max(n, 1)
+    return 100 * top1 / n, (100 * top5 / n if num_classes >= 5 else None)
+
+
 def seed_epoch(seed, epoch, rank):
     """Re-seed every RNG at an epoch start from (seed, epoch, rank) alone.
 
@@ -671,10 +689,12 @@ def load_checkpoint(path, flag='--checkpoint'):
 
 
 def script_of(args):
-    """Which pre-training script a set of args (a dict, e.g. a checkpoint's) belongs to; None if unsure.
+    """Which script a set of args (a dict, e.g. a checkpoint's) belongs to; None if unsure.
 
     Checkpoints record it as 'script'; for older ones the flags only one script has tell.
     """
+    if 'layer_decay' in args:
+        return 'finetune.py'
     if 'ema_momentum' in args:
         return 'pilamim.py'
     if 'lpf_radius' in args:

@@ -18,7 +18,6 @@ import json
 import os
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from PIL import Image
 from timm.data import Mixup, auto_augment, create_transform
@@ -28,10 +27,11 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from torchvision import datasets
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, InputError, LayerNorm, LossTracker, add_common_args,
-                    autocast, build_dataset, epochs, init_distributed, load_matching_state, load_rgb, log_epoch,
-                    lr_at, make_loader, no_sync_unless, progress, read_encoder, resume, run, save_training_state,
-                    scale_lr, set_lr, size_of, wrap_ddp)
+from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, InputError, LayerNorm, LossTracker, accuracy,
+                    add_common_args, autocast, build_dataset, epochs, init_distributed, load_matching_state, load_rgb,
+                    log_epoch, lr_at, make_loader, make_output_dir, no_sync_unless, progress, read_encoder,
+                    remove_stale_temp_files, resume, resume_path, run, save_training_state, scale_lr, set_lr,
+                    size_of, start_log, topk_hits, wrap_ddp)
 
 # ----------------------------------------------------------------------------------------------
 # Model: timm's ViT with a fresh head; the encoder weights come from the pre-training checkpoint.
@@ -219,22 +219,18 @@ def train_one_epoch(model, loader, optimizer, mixup, criterion, device, epoch, s
 
 @torch.no_grad()
 def evaluate(model, loader, device, world_size, num_classes, class_ids=None):
-    """-> (top-1, top-5 or None) in %. Counts the images each rank actually sees (unpadded shards), so every
-    image counts once under torchrun. class_ids restricts the logits to a subset of the classes."""
+    """-> (top-1, top-5 or None) in %, every image counted once under torchrun (common.accuracy).
+    class_ids restricts the logits to a subset of the classes (ImageNet-A/-R: 200 of the 1000)."""
     model.eval()
     hits = torch.zeros(3, dtype=torch.float64, device=device)           # [top-1 hits, top-5 hits, images]
-    k = min(5, num_classes if class_ids is None else len(class_ids))
+    k = num_classes if class_ids is None else len(class_ids)
     for imgs, y in loader:
         with autocast(device):
             logits = model(imgs.to(device, non_blocking=True)).float()  # (N, K)
         if class_ids is not None:
             logits = logits[:, class_ids]                                # (N, classes of this set)
-        hit = logits.topk(k, dim=1).indices == y.to(device)[:, None]    # (N, k)
-        hits += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(y), device=device)])
-    if world_size > 1:
-        dist.all_reduce(hits)
-    top1, top5, n = hits.tolist()
-    return 100 * top1 / max(n, 1), (100 * top5 / max(n, 1) if k == 5 else None)
+        hits += topk_hits(logits, y.to(device), k)
+    return accuracy(hits, world_size, k)
 
 
 def resolve_defaults(args, arch):
@@ -266,8 +262,7 @@ def main(args):
         args.input_size = args.input_size or (224 if args.data_path else 32)
     arch['img_size'] = args.input_size
     resolve_defaults(args, arch)
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
+    make_output_dir(args.output_dir)
     val_set = build_dataset(args, 'val', eval_transform(args.input_size))
     full = ckpt.get('model', ckpt) if isinstance(ckpt.get('model', ckpt), dict) else {}
     trained = 'head.weight' in full                                      # a fine-tuned checkpoint
@@ -311,20 +306,21 @@ def main(args):
         best = resumed.get('best_top1', 0.) if resumed else 0.
         model = wrap_ddp(torch.compile(raw_model) if args.compile else raw_model, device, world_size)
         if rank == 0:
+            remove_stale_temp_files(args.output_dir)
+            start_log(args, start_epoch if resumed else None)
             print(f"{args.checkpoint or 'from scratch (supervised baseline, no --checkpoint)'}: ViT D={arch['embed_dim']} "
                   f"depth={arch['depth']} patch {arch['patch_size']} at {args.input_size}px, {result['pool']} pool, "
                   f'{len(train_set)} train images ({lo}-{hi} per class) / {len(val_set)} val, {num_classes} classes, '
                   f'effective batch {eff_batch}, lr {args.lr:.3g}, layer decay {args.layer_decay}, drop path '
                   f'{args.drop_path}, {args.epochs} epochs, from epoch {start_epoch}', flush=True)
-        last_ckpt, top1, top5 = None, None, None
+        last_ckpt, top1, top5 = resume_path(args), None, None
         for epoch in epochs(args, sampler, rank, start_epoch):
             step, loss = train_one_epoch(model, loader, optimizer, mixup, criterion, device, epoch, step, args, rank,
                                          world_size, last_ckpt)
             top1, top5 = evaluate(raw_model, val_loader, device, world_size, num_classes)
             best = max(best, top1)
-            if rank == 0:
-                last_ckpt = save_training_state(args, raw_model, optimizer, epoch + 1, step, best_top1=best,
-                                                classes=classes)
+            last_ckpt = save_training_state(args, raw_model, optimizer, epoch + 1, step, rank, best_top1=best,
+                                            classes=classes)
             log_epoch(args, rank, {'epoch': epoch + 1, 'step': step, 'loss': loss,
                                    'lr': optimizer.param_groups[-1]['lr'], 'top1': round(top1, 2),
                                    'top5': top5 and round(top5, 2)})

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from timm.optim import Lars
 from torchvision import transforms
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, InputError, NonFiniteLossError, autocast, build_dataset,
-                    eval_transform, init_distributed, load_encoder, log_epoch, lr_at, make_loader, make_output_dir,
-                    no_sync_unless, progress, run, seed_epoch, set_lr, start_log, warmup_note, wrap_ddp)
+from common import (IMAGENET_MEAN, IMAGENET_STD, InputError, NonFiniteLossError, accuracy, autocast,
+                    build_dataset, eval_transform, init_distributed, load_encoder, log_epoch, lr_at, make_loader,
+                    make_output_dir, no_sync_unless, progress, run, seed_epoch, set_lr, start_log, topk_hits,
+                    warmup_note, wrap_ddp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,21 +155,6 @@ def gather(x, world_size):
     for r, (part, n) in enumerate(zip(parts, sizes)):
         out[r::world_size] = part[:n]
     return out
-
-
-def topk_hits(scores, y, num_classes):
-    """-> tensor [top-1 hits, top-5 hits (0 when < 5 classes), count]."""
-    top = scores.topk(min(5, num_classes), dim=1).indices                # (N, k)
-    hit = top == y[:, None]
-    return torch.stack([hit[:, 0].sum(), hit.any(1).sum() if num_classes >= 5 else hit[:, 0].sum() * 0,
-                        torch.tensor(len(y), device=y.device)]).double()
-
-
-def accuracy(hits, world_size, num_classes):
-    if world_size > 1:
-        dist.all_reduce(hits)
-    top1, top5, n = hits.tolist()
-    return 100 * top1 / n, (100 * top5 / n if num_classes >= 5 else None)
 
 
 # ----------------------------------------------------------------------------------------------
