@@ -131,9 +131,9 @@ def data_flags(args, images, task=None):
     return ['--builtin_size', images] + (['--builtin_label', task] if task else [])
 
 
-def plan(args, cfg, root):
-    """Every step of the study, selected by --only / --skip."""
-    only, skip = args.only, args.skip
+def plan(args, cfg, root, selected=True):
+    """Every step of the study, selected by --only / --skip (all of them with selected=False)."""
+    only, skip = (args.only, args.skip) if selected else (set(), set())
     want_part = lambda p: (not only & set(PARTS) or p in only) and p not in skip     # noqa: E731
     want = lambda m: (not only & set(NAMES) or m in only) and m not in skip          # noqa: E731
     d, E, f = cfg['depth'], cfg['epochs'], cfg['depth'] * cfg['tokens'] / (12 * 64)  # f: cost vs the laptop preset
@@ -484,8 +484,9 @@ def main(args):
           f'{cfg["seeds"]} seed(s); results in {root}', flush=True)
     execute(steps, args.dry_run)
     if not args.dry_run:
-        runs = collect(steps, cfg)
-        report(steps, runs, claims(runs, cfg), cfg, name, root, args)
+        everything = plan(args, cfg, root, selected=False)              # a partial rerun keeps all results
+        runs = collect(everything, cfg)
+        report(everything, runs, claims(runs, cfg), cfg, name, root, args)
 
 
 def get_args_parser():

@@ -820,13 +820,16 @@ def test_reproduce_end_to_end_then_a_rerun_skips_every_finished_step(tmp_path):
     assert '| claim | published | measured | ± SE | seeds | verdict |' in md and '| MFF-MAE |' in md
     ckpt = root / 'pretrain' / 'mae_s0' / 'checkpoint-1.pth'
     assert ckpt.exists() and not (ckpt.parent / 'checkpoint-last.pth').exists()
-    n = len(res['steps'])
+    n = sum(1 for line in first.stdout.splitlines() if line.startswith('['))  # one line per step run
+    assert n == len([v for v in res['steps'].values() if v['done']]) > 2     # results.json lists the whole study
     assert f'{n} steps: 0 done already (skipped), {n} to run' in first.stdout
 
     before = {p: p.stat().st_mtime_ns for p in root.rglob('*.json') if p.name != 'results.json'}
     second = cli('reproduce.py', *flags)
     assert f'{n} steps: {n} done already (skipped), 0 to run' in second.stdout and '[1/' not in second.stdout
     assert {p: p.stat().st_mtime_ns for p in before} == before and ckpt.stat().st_mtime_ns
+    assert json.loads((root / 'results.json').read_text())['runs'] == runs
+    cli('reproduce.py', *flags[:3], 'probe,mae', *flags[4:])            # a narrower rerun keeps every result
     assert json.loads((root / 'results.json').read_text())['runs'] == runs
 
 
