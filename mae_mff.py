@@ -151,8 +151,9 @@ class MaskedAutoencoder(ViTEncoder):
 def mae_vit(size, patch_size=16, **kwargs):
     """MaskedAutoencoder of a standard ViT size with the MAE decoder (512 wide, 8 deep, 16 heads);
     MFF on the paper's levels for that depth unless mff_layers is given (() = plain MAE)."""
-    kwargs.setdefault('mff_layers', paper_mff_layers(VIT_SIZES[size]['depth']))
-    return MaskedAutoencoder(patch_size=patch_size, **VIT_SIZES[size], **kwargs)
+    arch = {**VIT_SIZES[size], **{k: kwargs.pop(k) for k in ('depth',) if k in kwargs}}
+    kwargs.setdefault('mff_layers', paper_mff_layers(arch['depth']))
+    return MaskedAutoencoder(patch_size=patch_size, **arch, **kwargs)
 
 
 def mae_vit_tiny_patch16(**kwargs):
@@ -192,14 +193,23 @@ def parse_mff_layers(spec, depth):
                          'list of block indices like 0,2,4,6,8,11') from None
 
 
+def encoder_depth(args, size):
+    """--depth if given (small studies: fewer blocks, same width), else the size's standard depth."""
+    depth = getattr(args, 'depth', None) or VIT_SIZES[size]['depth']
+    if depth < 1:
+        raise InputError(f'--depth {depth} < 1: give at least one encoder block, or omit it for the standard depth')
+    return depth
+
+
 def build_model(args):
     """MaskedAutoencoder from the command line (factory name + overrides)."""
     if args.model not in MODELS:
         raise InputError(f"unknown --model '{args.model}': choose one of {', '.join(MODELS)}")
     size, patch = MODELS[args.model]
-    layers = parse_mff_layers(args.mff_layers, VIT_SIZES[size]['depth'])
+    depth = encoder_depth(args, size)
+    layers = parse_mff_layers(args.mff_layers, depth)
     return mae_vit(
-        size, args.patch_size or patch, img_size=args.input_size,
+        size, args.patch_size or patch, img_size=args.input_size, depth=depth,
         decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
         decoder_num_heads=args.decoder_num_heads, norm_pix_loss=args.norm_pix_loss,
         mff_layers=layers, mff_proj=args.mff_proj, mff_fusion=args.mff_fusion, mff_detach=args.mff_detach)
@@ -275,6 +285,7 @@ def get_args_parser(description=__doc__.split('\n')[0]):
     a('--model', default='mae_vit_base_patch16', help=f"one of {', '.join(MODELS)}")
     a('--input_size', type=int, default=224)
     a('--patch_size', type=int, default=None, help="overrides the model name's patch size")
+    a('--depth', type=int, default=None, help="encoder blocks; overrides the model size's depth (small studies)")
     a('--mask_ratio', type=float, default=0.75, help='fraction of patches removed')
     a('--norm_pix_loss', action=argparse.BooleanOptionalAction, default=True,
       help='standardise each target patch (on in the MFF/PixMIM recipes; --no-norm_pix_loss = raw pixels)')

@@ -31,7 +31,7 @@ from common import (Block, InputError, LayerNorm, LossTracker, VIT_SIZES, ViTEnc
                     encoder_state_dict, epochs, init_distributed, init_weights, log_epoch, lr_at, masked_mse,
                     no_sync_unless, pixel_targets, prepare_training, progress, random_masking, restore_order,
                     resume_path, run, save_training_state, set_lr, train_transform, use_recipe)
-from mae_mff import MODELS, MultiLevelFusion, parse_mff_layers
+from mae_mff import MODELS, MultiLevelFusion, encoder_depth, parse_mff_layers
 from mae_mff import get_args_parser as mae_args_parser
 
 
@@ -129,11 +129,12 @@ def build_model(args):
     if args.model not in MODELS:
         raise InputError(f"unknown --model '{args.model}': choose one of {', '.join(MODELS)}")
     size, patch = MODELS[args.model]
-    return PiLaMIM(img_size=args.input_size, patch_size=args.patch_size or patch, **VIT_SIZES[size],
+    depth = encoder_depth(args, size)
+    return PiLaMIM(img_size=args.input_size, patch_size=args.patch_size or patch, **{**VIT_SIZES[size], 'depth': depth},
                    decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
                    decoder_num_heads=args.decoder_num_heads, norm_pix_loss=args.norm_pix_loss,
                    cls_loss=not args.no_cls_loss, latent_target=args.latent_target,
-                   mff_layers=parse_mff_layers(args.mff_layers, VIT_SIZES[size]['depth']),
+                   mff_layers=parse_mff_layers(args.mff_layers, depth),
                    mff_proj=args.mff_proj, mff_fusion=args.mff_fusion, mff_detach=args.mff_detach)
 
 

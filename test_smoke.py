@@ -1505,3 +1505,74 @@ def test_finetune_without_checkpoint_is_the_supervised_baseline(tmp_path, capsys
     assert 'from scratch (supervised baseline' in capsys.readouterr().out and result['checkpoint'] is None
     ckpt = torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)
     assert ckpt['model']['pos_embed'].shape == (1, 5, 192) and ckpt['classes'] == list(SyntheticShapes.SHAPES)
+
+
+# ---------------------------------------------------------------------------------------------- REPRODUCE
+# reproduce.py at its miniature scale (--scale test). Parts whose scripts are not in this checkout
+# (finetune.py, analyze.py) are left out of the run, and only here.
+
+import reproduce  # noqa: E402
+
+
+def test_reproduce_end_to_end_then_a_rerun_skips_every_finished_step(tmp_path):
+    parts = ['pretrain', 'probe', 'knn'] + (['finetune'] if os.path.exists(os.path.join(ROOT, 'finetune.py')) else []) \
+        + (['frequency', 'fusion'] if os.path.exists(os.path.join(ROOT, 'analyze.py')) else [])
+    flags = ['--scale', 'test', '--only', ','.join(parts + ['mae', 'mff_mae']), '--output_dir', tmp_path]
+    first = cli('reproduce.py', *flags)
+    root = tmp_path / 'test'
+    res = json.loads((root / 'results.json').read_text())
+    runs = res['runs']
+    assert set(runs) == {'mae', 'mff_mae'}                               # --only kept the other methods out
+    for m in runs:
+        for metric in ['cls_shape', 'abmilp_shape', 'knn_shape'] + (['finetune'] if 'finetune' in parts else []):
+            assert 0 <= runs[m][metric]['0'] <= 100, (m, metric)
+        assert math.isfinite(runs[m]['pretrain_loss']['0'])
+    assert 'fusion_w0_gain' in runs['mff_mae'] and 'fusion_w0_gain' not in runs['mae']  # only MFF has weights
+    if 'frequency' in parts:
+        assert 'hf_last' in runs['mae'] and 'hf_last' in runs['mff_mae']
+    claim = next(r for r in res['claims'] if r['claim'].startswith('MFF-MAE > MAE, linear probe'))
+    assert claim['value'] == pytest.approx(runs['mff_mae']['cls_shape']['0'] - runs['mae']['cls_shape']['0'])
+    assert claim['verdict'].startswith('one seed: SE unknown')           # no verdict from one seed
+    md = (root / 'results.md').read_text()
+    assert '| claim | published | measured | ± SE | seeds | verdict |' in md and '| MFF-MAE |' in md
+    ckpt = root / 'pretrain' / 'mae_s0' / 'checkpoint-1.pth'
+    assert ckpt.exists() and not (ckpt.parent / 'checkpoint-last.pth').exists()
+    n = sum(1 for line in first.stdout.splitlines() if line.startswith('['))  # one line per step run
+    assert n == len([v for v in res['steps'].values() if v['done']]) > 2     # results.json lists the whole study
+    assert f'{n} steps: 0 done already (skipped), {n} to run' in first.stdout
+
+    before = {p: p.stat().st_mtime_ns for p in root.rglob('*.json') if p.name != 'results.json'}
+    second = cli('reproduce.py', *flags)
+    assert f'{n} steps: {n} done already (skipped), 0 to run' in second.stdout and '[1/' not in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in before} == before and ckpt.stat().st_mtime_ns
+    assert json.loads((root / 'results.json').read_text())['runs'] == runs
+    cli('reproduce.py', *flags[:3], 'probe,mae', *flags[4:])            # a narrower rerun keeps every result
+    assert json.loads((root / 'results.json').read_text())['runs'] == runs
+
+
+def test_reproduce_claims_arithmetic():
+    cfg = {'tasks': ('shape', 'count')}
+    runs = {'mae': {'cls_shape': {0: 50., 1: 52., 2: 54.}, 'cls_count': {0: 60., 1: 60., 2: 60.}},
+            'mff_mae': {'cls_shape': {0: 60., 1: 61., 2: 62.}},
+            'pilamim': {'cls_shape': {0: 51., 1: 53., 2: 55.}, 'cls_count': {0: 50., 1: 51., 2: 52.}}}
+    rows = {r['claim']: r for r in reproduce.claims(runs, cfg)}
+    mff = rows['MFF-MAE > MAE, linear probe [cls], semantic task']
+    assert mff['value'] == pytest.approx(9.) and mff['se'] == pytest.approx(math.sqrt(4 / 3 + 1 / 3))  # Welch SE
+    assert mff['verdict'] == 'holds' and mff['seeds'] == 3
+    assert rows['PiLaMIM > MAE on the semantic task ([cls] probe)']['verdict'] == 'within noise'   # +1 +- 1.6
+    assert rows['PiLaMIM keeps the low-level task ([cls] probe, count)']['verdict'] == 'does not hold'  # -9 +- 0.6
+    assert rows['PixMIM > MAE, linear probe [cls]']['verdict'] == 'not measured'
+    assert reproduce.verdict(-3., 1., 3, '>0') == 'does not hold'
+    assert reproduce.verdict(-1., 1., 3, 'not<0') == 'holds (no significant loss)'
+    assert reproduce.verdict(0.95, 0.01, 3, '>0.9') == 'holds'
+    assert reproduce.verdict(-2., 0.5, 3, '<0') == 'holds'
+    assert reproduce.verdict(5., None, 1, '>0').startswith('one seed: SE unknown (above 0)')
+
+
+def test_reproduce_dry_run_and_bad_selection(tmp_path):
+    proc = cli('reproduce.py', '--dry_run', '--output_dir', tmp_path)  # the default study, printed only
+    assert 'python mae_mff.py --model mae_vit_tiny_patch16 --depth 6' in proc.stdout
+    assert 'python probe.py' in proc.stdout and 'seed 2' in proc.stdout and not (tmp_path / 'laptop').exists()
+    proc = cli('reproduce.py', '--only', 'probe,bogus', '--output_dir', tmp_path, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "['bogus']" in lines[0] and 'pretrain' in lines[0]
