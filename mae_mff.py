@@ -17,6 +17,7 @@ import time
 import torch
 import torch.nn as nn
 
+from common import log_fusion_weights
 from common import (Block, InputError, LayerNorm, LossTracker, VIT_SIZES, ViTEncoder, add_common_args, autocast,
                     build_dataset, epochs, init_distributed, init_weights, log_epoch, lr_at, masked_mse,
                     no_sync_unless, patchify, pixel_targets, prepare_training, progress, random_masking,
@@ -226,6 +227,7 @@ def train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank, w
         tracker.add(step, loss)
         if (i + 1) % args.print_freq == 0:                               # the only host syncs
             tracker.check(last_ckpt)
+            log_fusion_weights(args, rank, model, epoch + (i + 1) / micro_steps, step)
             bar.set_postfix(loss=f"{tracker.mean(1)['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     tracker.check(last_ckpt)
     images = micro_steps * args.batch_size * world_size
