@@ -41,8 +41,8 @@ def labelled(paths, labels):
     """-> [(path, label)]; the default label is <run folder>/<file name>."""
     if labels and len(labels) != len(paths):
         raise InputError(f'{len(labels)} --labels for {len(paths)} inputs: give one label per input, or none')
-    labels = labels or [f'{os.path.basename(os.path.dirname(os.path.abspath(p)))}/{os.path.splitext(os.path.basename(p))[0]}'
-                        for p in paths]
+    labels = labels or [os.path.join(os.path.basename(os.path.dirname(os.path.abspath(p))),
+                                     os.path.splitext(os.path.basename(p))[0]) for p in paths]
     if len(set(labels)) < len(labels):
         raise InputError(f'two inputs share the label {max(labels, key=labels.count)}: name them with --labels')
     return list(zip(paths, labels))
@@ -161,13 +161,14 @@ def frequency(args):
 
 def draw_frequency(plt, results):
     """Fig. 2 per checkpoint (one curve per layer, colour by depth), then Fig. 4 (last layer per band)."""
-    fig, axes = plt.subplots(1, len(results) + 1, figsize=(3.6 * (len(results) + 1), 3), squeeze=False)
+    fig, axes = plt.subplots(1, len(results) + 1, figsize=(3.6 * (len(results) + 1), 3), squeeze=False,
+                             layout='constrained')
     for ax, (label, r) in zip(axes[0], results.items()):
         amps = r['relative_log_amplitude']
         for i, amp in enumerate(amps):
             ax.plot([k / len(amp) for k in range(len(amp))], amp, color=plt.cm.plasma(i / len(amps)))
         ax.set(title=label, xlabel='frequency (x pi)', ylabel='relative log amplitude')
-    fig.colorbar(plt.cm.ScalarMappable(cmap='plasma'), ax=axes[0, len(results) - 1], label='depth (0 = embedding)')
+    fig.colorbar(plt.cm.ScalarMappable(cmap='plasma'), ax=list(axes[0, :-1]), label='relative depth (0 = embedding)')
     ax, width = axes[0, -1], 0.8 / len(results)
     for j, (label, r) in enumerate(results.items()):
         last = r['relative_log_amplitude'][-1]

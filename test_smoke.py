@@ -928,7 +928,8 @@ def test_frequency_entropy_hessian_reconstruct_run_end_to_end(analysis_run, tmp_
     freq = analyze_cli('frequency', tmp_path, '--checkpoint', ckpt, analysis_run / 'pilamim.pth', '--num_images', 6,
                        '--batch_size', 4, '--labels', 'mff', 'pilamim')
     amps = freq['mff']['relative_log_amplitude']
-    assert len(amps) == 13 and all(len(a) == 2 and a[0] == 0 for a in amps) and amps != freq['pilamim']['relative_log_amplitude']
+    assert len(amps) == 13 and all(len(a) == 2 and a[0] == 0 for a in amps)
+    assert amps != freq['pilamim']['relative_log_amplitude']
     ent = analyze_cli('entropy', tmp_path, '--checkpoint', ckpt, '--num_images', 4, '--labels', 'mff')['mff']
     assert len(ent['cls']) == len(ent['patch']) == 12 and ent['max_entropy'] == pytest.approx(math.log(16))
     assert all(0 < h <= math.log(16) + 1e-4 for h in ent['cls'] + ent['patch'])
@@ -964,17 +965,20 @@ def test_analyze_bad_input_is_one_line(analysis_run, tmp_path, monkeypatch, caps
     bare = str(tmp_path / 'bare.pth')                                    # official-MAE-style: weights only
     save_checkpoint({'model': torch.load(ckpt, weights_only=True)['model']}, bare)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, 'analyze.py'), 'hessian', '--checkpoint', bare,
-                           '--output_dir', str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and 'records no training args' in proc.stderr
+                           '--output_dir', str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=ENV,
+                          timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert 'records no training args' in proc.stderr
     (tmp_path / 'empty.jsonl').write_text('')
     (tmp_path / 'mae').mkdir()
     (tmp_path / 'mae' / 'log.jsonl').write_text(json.dumps({'epoch': 1, 'step': 4, 'fusion_weights': None}) + '\n')
+    small = ['--builtin_size', 32]                                       # an evaluation split of 256 images
     for command, flags, words in [('fusion', ['--log', tmp_path / 'empty.jsonl'], 'is empty'),
                                   ('fusion', ['--log', tmp_path / 'mae' / 'log.jsonl'], 'no fusion weights'),
                                   ('fusion', ['--log', tmp_path / 'missing.jsonl'], 'does not exist'),
-                                  ('entropy', ['--checkpoint', ckpt, '--num_images', 257, '--builtin_size', 32], 'does not fit'),
+                                  ('entropy', ['--checkpoint', ckpt, '--num_images', 257, *small], 'does not fit'),
                                   ('frequency', ['--checkpoint', ckpt, ckpt], 'share the label'),
-                                  ('hessian', ['--checkpoint', ckpt, '--batches', 3, '--batch_size', 16, '--builtin_size', 32], 'more than')]:
+                                  ('hessian', ['--checkpoint', ckpt, '--batches', 3, '--batch_size', 16, *small], 'more than')]:
         monkeypatch.setattr(sys, 'argv', ['analyze.py', command, '--output_dir', str(tmp_path), *map(str, flags)])
         with pytest.raises(SystemExit) as e:
             common.run(analyze.main, analyze.get_args_parser())
