@@ -803,22 +803,24 @@ def progress(iterable, rank, **kw):
 
 
 def start_log(args, resumed_epoch=None):
-    """<output_dir>/log.jsonl holds one run: a fresh run (resumed_epoch None) starts it empty; a resumed
-    run keeps the lines up to the epoch it resumed from and appends, so a plot never mixes runs."""
-    path = os.path.join(args.output_dir, 'log.jsonl')
-
+    """<output_dir>/log.jsonl and fusion_weights.jsonl hold one run: a fresh run (resumed_epoch None)
+    starts them empty; a resumed run keeps the lines up to the epoch it resumed from and appends, so a
+    plot never mixes runs."""
     def before_resume(line):
         try:
             return json.loads(line).get('epoch', 0) <= resumed_epoch
         except ValueError:                                               # a line cut short by a kill
             return False
 
-    kept = []
-    if resumed_epoch is not None and os.path.isfile(path):
-        with open(path) as f:
-            kept = [line for line in f if before_resume(line)]
-    with open(path, 'w') as f:
-        f.writelines(kept)
+    for name in ('log.jsonl', 'fusion_weights.jsonl'):
+        path = os.path.join(args.output_dir, name)
+        kept = []
+        if resumed_epoch is not None and os.path.isfile(path):
+            with open(path) as f:
+                kept = [line for line in f if before_resume(line)]
+        if name == 'log.jsonl' or os.path.isfile(path):
+            with open(path, 'w') as f:
+                f.writelines(kept)
 
 
 def make_output_dir(path):
@@ -917,3 +919,137 @@ def run(main, parser, presets=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Analysis: frequency, attention entropy, Hessian spectrum (used by analyze.py; MFF Figs. 1-2 and
+# 4-6, "Beyond [cls]" attention entropy). Method-agnostic: they see tokens, blocks and a loss.
+
+def log_fusion_weights(args, rank, model, epoch, step):
+    """Rank 0: append {'epoch' (fractional), 'step', 'levels', 'fusion_weights'} to
+    <output_dir>/fusion_weights.jsonl, the curve `analyze.py fusion` draws (MFF Figs. 1, 6, 8).
+
+    Call it only where the loop syncs anyway (every --print_freq steps): reading the weights is a
+    host sync. No-op without weighted fusion.
+    """
+    if rank != 0:
+        return
+    model = getattr(model, 'module', model)                              # DDP -> (compiled) model
+    model = getattr(model, '_orig_mod', model)                           # torch.compile -> raw model
+    weights = model.fusion_weights()                                     # shallow ... last, or None
+    if weights is not None:
+        with open(os.path.join(args.output_dir, 'fusion_weights.jsonl'), 'a') as f:
+            f.write(json.dumps({'epoch': round(epoch, 4), 'step': step, 'levels': model.mff_layers,
+                                'fusion_weights': weights}) + '\n')
+
+
+def relative_log_amplitude(tokens):
+    """Patch tokens (N, L, C) of one layer, L = h*h -> (h // 2,) float32: the relative log amplitude.
+
+    Park & Kim's recipe (how-do-vits-work): FFT2 over the token grid, log(|F| + 1e-6), roll by h/2
+    so the zero frequency sits at the centre, mean over batch and channels, the half diagonal from
+    the centre outwards (0 ... (h/2 - 1)/h cycles per token), minus its first (zero-frequency) value.
+    The last value measures the layer's high-frequency content relative to its DC component.
+    """
+    n, L, c = tokens.shape
+    h = math.isqrt(L)
+    if h * h != L:
+        raise InputError(f'{L} patch tokens form no square grid: the frequency analysis needs square images')
+    x = tokens.float().transpose(1, 2).reshape(n, c, h, h)               # (N, C, h, h)
+    f = (torch.fft.fft2(x).abs() + 1e-6).log()
+    f = torch.roll(f, shifts=(h // 2, h // 2), dims=(2, 3)).mean(dim=(0, 1))  # (h, h), DC at the centre
+    d = f.diag()[h // 2:]                                                # (h // 2,)
+    return d - d[0]
+
+
+def explicit_attention(attn, x):
+    """A timm Attention module on its input x (N, T, D) -> (probabilities (N, H, T, T), output (N, T, D)).
+
+    timm runs F.scaled_dot_product_attention, which never materialises the probabilities; this
+    recomputes them from the module's own qkv weights (q_norm / k_norm included), in fp32 even
+    under autocast, and the output from them, so a caller can check they are the ones in use.
+    """
+    n, t, _ = x.shape
+    with torch.autocast(x.device.type, enabled=False):
+        qkv = attn.qkv(x.float()).reshape(n, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)                                          # (N, H, T, hd) each
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (N, H, T, T)
+        out = attn.proj(attn.norm((probs @ v).transpose(1, 2).reshape(n, t, -1)))
+    return probs, out
+
+
+def entropy_over_patch_keys(probs):
+    """Attention probabilities (..., T) with the cls key first -> entropy (...) in nats over the patch keys.
+
+    "Beyond [cls]" (main_attention_stats.py): drop the cls key, renormalise p = a[1:] / (sum + 1e-6),
+    H = -sum p log(p + 1e-6); ln(T - 1) for uniform attention, 0 for attention on one patch.
+    """
+    p = probs[..., 1:]
+    p = p / (p.sum(dim=-1, keepdim=True) + 1e-6)
+    return -(p * (p + 1e-6).log()).sum(dim=-1)
+
+
+@torch.no_grad()
+def attention_entropy(encoder, imgs):
+    """Per block of a ViTEncoder on unmasked imgs (N, C, H, W) -> (cls, patch): two (depth,) tensors.
+
+    cls: the cls query's entropy; patch: the mean over patch queries; both per head first, then
+    averaged over heads and images (not the entropy of averaged attention).
+    """
+    x = encoder.embed(imgs)                                              # (N, 1 + L, D)
+    cls, patch = [], []
+    for blk in encoder.blocks:
+        probs, _ = explicit_attention(blk.attn, blk.norm1(x))            # (N, H, T, T)
+        ent = entropy_over_patch_keys(probs)                             # (N, H, T): per query
+        cls.append(ent[:, :, 0].mean())
+        patch.append(ent[:, :, 1:].mean())
+        x = blk(x)
+    return torch.stack(cls), torch.stack(patch)
+
+
+def hessian_vector_product(grads, params, v):
+    """H v for gradients built with create_graph=True: one more backward (Pearlmutter's trick)."""
+    return torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+
+
+def _dot(a, b):
+    return sum((x * y).sum() for x, y in zip(a, b))
+
+
+def _normalised(v):
+    norm = _dot(v, v).sqrt() + 1e-6                                      # PyHessian's normalisation
+    return [x / norm for x in v]
+
+
+def hessian_top_eigenvalues(loss_fn, params, k=1, max_iter=100, tol=1e-3):
+    """Top-k Hessian eigenvalues (largest magnitude first, a list of k floats) of loss_fn() w.r.t. params.
+
+    PyHessian's power iteration (MFF Fig. 5, after Park & Kim): v random, normalised; each step
+    v <- Gram-Schmidt(v) against the eigenvectors found, lambda = v.Hv, v <- Hv / (|Hv| + 1e-6);
+    stop when |lambda_prev - lambda| / (|lambda_prev| + 1e-6) < tol or after max_iter steps.
+    loss_fn: () -> scalar loss, computed in fp32 (no autocast: bf16 noise swamps the curvature).
+    """
+    params = [p for p in params if p.requires_grad]
+    # Double backward is not implemented for the flash / memory-efficient attention kernels that
+    # timm's Block picks: the math kernel is the one that can be differentiated twice.
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+        eigenvalues, eigenvectors = [], []
+        for _ in range(k):
+            v = _normalised([torch.randn_like(p) for p in params])
+            eigenvalue = None
+            for _ in range(max_iter):
+                for w in eigenvectors:                                   # deflation: stay orthogonal
+                    v = [x - _dot(v, w) * y for x, y in zip(v, w)]
+                v = _normalised(v)
+                hv = hessian_vector_product(grads, params, v)
+                new = float(_dot(hv, v))
+                v = _normalised([x.detach() for x in hv])
+                converged = eigenvalue is not None and abs(eigenvalue - new) / (abs(eigenvalue) + 1e-6) < tol
+                eigenvalue = new
+                if converged:
+                    break
+            eigenvalues.append(eigenvalue)
+            eigenvectors.append(v)
+    return eigenvalues

@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 
 from common import (WD_RULES, Block, InputError, LayerNorm, LossTracker, VIT_SIZES, ViTEncoder, add_common_args,
-                    autocast, build_dataset, epochs, init_distributed, init_weights, log_epoch, lr_at, masked_mse,
-                    no_sync_unless, patchify, pixel_targets, prepare_training, progress, random_masking,
-                    restore_order, resume_path, run, save_training_state, set_lr, sincos_pos_embed_2d,
+                    autocast, build_dataset, epochs, init_distributed, init_weights, log_epoch, log_fusion_weights,
+                    lr_at, masked_mse, no_sync_unless, patchify, pixel_targets, prepare_training, progress,
+                    random_masking, restore_order, resume_path, run, save_training_state, set_lr, sincos_pos_embed_2d,
                     train_transform, unpatchify, use_recipe)
 
 
@@ -74,7 +74,8 @@ class MultiLevelFusion(nn.Module):
         w = self.weights()
         if w is not None:                                                # Eq. 4, in fp32 under autocast
             # like mmpretrain (its torch.stack promotes): bf16 would round the weights and the sum
-            return sum(wi * f.float() for wi, f in zip(w.float(), feats))   # (N, T, D) float32
+            dtype = torch.promote_types(w.dtype, torch.float32)          # fp32, or fp64 for a double model
+            return sum(wi * f.to(dtype) for wi, f in zip(w.to(dtype), feats))  # (N, T, D)
         n, t, d = levels[-1].shape                                       # Eq. 5: attend across levels
         stacked = torch.stack(feats, dim=2).reshape(n * t, len(feats), d)
         return self.fusion_attn(stacked)[:, -1].reshape(n, t, d)
@@ -243,6 +244,7 @@ def train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank, w
         tracker.add(step, loss)
         if (i + 1) % args.print_freq == 0:                               # the only host syncs
             tracker.check(last_ckpt)
+            log_fusion_weights(args, rank, model, epoch + (i + 1) / micro_steps, step)
             bar.set_postfix(loss=f"{tracker.mean(1)['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     tracker.check(last_ckpt)
     images = micro_steps * args.batch_size * world_size

@@ -28,9 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (Block, InputError, LayerNorm, LossTracker, VIT_SIZES, ViTEncoder, autocast, build_dataset,
-                    encoder_state_dict, epochs, init_distributed, init_weights, log_epoch, lr_at, masked_mse,
-                    no_sync_unless, pixel_targets, prepare_training, progress, random_masking, restore_order,
-                    resume_path, run, save_training_state, set_lr, train_transform, use_recipe)
+                    encoder_state_dict, epochs, init_distributed, init_weights, log_epoch, log_fusion_weights, lr_at,
+                    masked_mse, no_sync_unless, pixel_targets, prepare_training, progress, random_masking,
+                    restore_order, resume_path, run, save_training_state, set_lr, train_transform, use_recipe)
 from mae_mff import MODELS, MultiLevelFusion, encoder_depth, parse_mff_layers
 from mae_mff import get_args_parser as mae_args_parser
 
@@ -187,6 +187,7 @@ def train_one_epoch(model, raw_model, loader, optimizer, device, epoch, step, to
         tracker.add(step, *losses)
         if (i + 1) % args.print_freq == 0:
             tracker.check(last_ckpt)
+            log_fusion_weights(args, rank, raw_model, epoch + (i + 1) / micro_steps, step)
             bar.set_postfix(loss=f"{tracker.mean(1)['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     tracker.check(last_ckpt)
     return step, tracker.mean(world_size), micro_steps * args.batch_size * world_size / (time.time() - start)

@@ -19,8 +19,8 @@ import time
 import torch
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, InputError, LossTracker, autocast, build_dataset, epochs,
-                    init_distributed, log_epoch, lr_at, no_sync_unless, prepare_training, progress, resume_path,
-                    run, save_training_state, set_lr, train_transform, use_recipe)
+                    init_distributed, log_epoch, log_fusion_weights, lr_at, no_sync_unless, prepare_training, progress,
+                    resume_path, run, save_training_state, set_lr, train_transform, use_recipe)
 from mae_mff import PRESETS as MAE_PRESETS
 from mae_mff import build_model, get_args_parser as mae_args_parser
 
@@ -109,6 +109,7 @@ def train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank, w
         tracker.add(step, loss)
         if (i + 1) % args.print_freq == 0:
             tracker.check(last_ckpt)
+            log_fusion_weights(args, rank, model, epoch + (i + 1) / micro_steps, step)
             bar.set_postfix(loss=f"{tracker.mean(1)['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     tracker.check(last_ckpt)
     return step, tracker.mean(world_size)['loss'], micro_steps * args.batch_size * world_size / (time.time() - start)

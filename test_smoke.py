@@ -1576,3 +1576,205 @@ def test_reproduce_dry_run_and_bad_selection(tmp_path):
     proc = cli('reproduce.py', '--only', 'probe,bogus', '--output_dir', tmp_path, check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "['bogus']" in lines[0] and 'pretrain' in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------- ANALYSIS (analyze.py)
+
+import analyze  # noqa: E402  (this section's own import, kept here for an easy merge)
+from common import (attention_entropy, entropy_over_patch_keys, explicit_attention, hessian_top_eigenvalues,  # noqa: E402
+                    hessian_vector_product, relative_log_amplitude)
+
+
+def grid_tokens(maps):
+    """(N, C, h, h) maps -> (N, h*h, C) patch tokens, row-major as the ViT lays them out."""
+    return maps.flatten(2).transpose(1, 2)
+
+
+def test_relative_log_amplitude_of_impulse_constant_and_grating():
+    h = 8
+    impulse = torch.zeros(2, 3, h, h)
+    impulse[:, :, 3, 5] = 1.                                             # flat spectrum
+    assert torch.allclose(relative_log_amplitude(grid_tokens(impulse)), torch.zeros(h // 2), atol=1e-5)
+    flat = relative_log_amplitude(grid_tokens(torch.full((2, 3, h, h), 2.)))  # DC only
+    assert flat[0] == 0 and (flat[1:] < -15).all()
+    r, c = torch.meshgrid(torch.arange(h), torch.arange(h), indexing='ij')
+    for k in (1, 2, 3):                                                  # diagonal grating, k cycles per h
+        grating = torch.cos(2 * math.pi * k * (r + c) / h).expand(1, 4, h, h)
+        assert int(relative_log_amplitude(grid_tokens(grating)).argmax()) == k
+
+
+def test_smoothing_lowers_high_frequencies():
+    torch.manual_seed(0)
+    noise = torch.randn(4, 16, 14, 14)
+    smooth = torch.nn.functional.avg_pool2d(noise, 3, stride=1, padding=1, count_include_pad=False)
+    white, low = relative_log_amplitude(grid_tokens(noise)), relative_log_amplitude(grid_tokens(smooth))
+    assert white.shape == (7,) and white[-1].abs() < 0.3                 # white noise: flat
+    assert low[-1] < white[-1] - 1 and (low[1:] < white[1:]).all()
+
+
+def test_explicit_attention_reproduces_the_block():
+    torch.manual_seed(0)
+    for blk in (ViTEncoder(**PROBE_TINY).blocks[0], common.Block(64, 4, qkv_bias=True, qk_norm=True)):
+        blk.eval()
+        if hasattr(blk.attn.q_norm, 'weight'):                           # make q_norm / k_norm matter
+            nn.init.normal_(blk.attn.q_norm.weight)
+            nn.init.normal_(blk.attn.k_norm.bias)
+        x = blk.norm1(torch.randn(3, 17, 64))
+        probs, out = explicit_attention(blk.attn, x)
+        assert probs.shape == (3, blk.attn.num_heads, 17, 17)
+        assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-6)
+        assert torch.allclose(out, blk.attn(x), atol=1e-5)
+
+
+def test_entropy_is_ln_L_for_uniform_and_0_for_one_hot():
+    L = 16
+    uniform = torch.full((2, 3, L + 1, L + 1), 1 / (L + 1))
+    assert torch.allclose(entropy_over_patch_keys(uniform), torch.full((2, 3, L + 1), math.log(L)), atol=1e-4)
+    one_hot = torch.zeros(2, 3, L + 1, L + 1)
+    one_hot[..., 5] = 1.
+    assert entropy_over_patch_keys(one_hot).abs().max() < 1e-4
+    encoder = ViTEncoder(**PROBE_TINY).eval()                            # q = k = 0: uniform attention
+    for blk in encoder.blocks:
+        nn.init.zeros_(blk.attn.qkv.weight[:128])
+        nn.init.zeros_(blk.attn.qkv.bias[:128])
+    cls, patch = attention_entropy(encoder, torch.randn(2, 3, 32, 32))
+    assert cls.shape == patch.shape == (2,)
+    assert torch.allclose(torch.cat([cls, patch]), torch.full((4,), math.log(64)), atol=1e-4)
+
+
+def test_hessian_top3_of_a_known_quadratic():
+    torch.manual_seed(0)
+    eig = torch.tensor([10., -4., 1.5, 0.3, 0.2, 0.1, 0.05, 0.01])      # largest magnitude first
+    q = torch.linalg.qr(torch.randn(8, 8))[0]
+    A = q @ torch.diag(eig) @ q.T
+    a, b = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3))   # two parameter tensors
+    found = hessian_top_eigenvalues(lambda: 0.5 * torch.cat([a, b]) @ A @ torch.cat([a, b]), [a, b], k=3)
+    assert found == pytest.approx(eig[:3].tolist(), rel=1e-3)
+
+
+def test_hessian_vector_product_matches_finite_differences_on_a_tiny_vit():
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(**TINY, mff_layers=(1, 3), norm_pix_loss=True).double().eval()
+    imgs, noise = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.rand(2, 16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_fn = lambda: model(imgs, 0.75, noise=noise)[0]                  # noqa: E731
+    v = [torch.randn_like(p) for p in params]
+    v = [d / torch.cat([e.flatten() for e in v]).norm() for d in v]     # a unit direction
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        hv = hessian_vector_product(torch.autograd.grad(loss_fn(), params, create_graph=True), params, v)
+    eps, grads = 1e-2, []                                            # masked_mse is fp32: no tiny steps
+    for sign in (1, -1):
+        with torch.no_grad():
+            for p, d in zip(params, v):
+                p.add_(sign * eps * d)
+        grads.append(torch.autograd.grad(loss_fn(), params))
+        with torch.no_grad():
+            for p, d in zip(params, v):
+                p.sub_(sign * eps * d)
+    fd = torch.cat([(g1 - g2).flatten() / (2 * eps) for g1, g2 in zip(*grads)])
+    hv = torch.cat([h.flatten() for h in hv])
+    assert (hv - fd).norm() < 1e-4 * fd.norm()
+    top = hessian_top_eigenvalues(loss_fn, model.parameters(), k=1)[0]   # bounds every Rayleigh quotient
+    vv = torch.cat([d.flatten() for d in v])
+    assert abs(top) >= abs(float(hv @ vv))
+
+
+@pytest.fixture(scope='module')
+def analysis_run(tmp_path_factory):
+    """A 2-epoch MFF run (2 steps per epoch, weights logged every step) and untrained PixMIM / PiLaMIM checkpoints."""
+    root = tmp_path_factory.mktemp('analysis')
+    in_process('mae_mff.py', root / 'mff', '--mff_layers', '0,5,11')
+    for script in ('pixmim_mff.py', 'pilamim.py'):
+        module = importlib.import_module(script[:-3])
+        args = module.get_args_parser().parse_args(METHOD_CLI)
+        torch.manual_seed(0)
+        save_checkpoint({'model': module.build_model(args).state_dict(), 'args': vars(args)},
+                        str(root / f'{script[:-3]}.pth'))
+    return root
+
+
+def analyze_cli(command, out, *flags):
+    analyze.main(analyze.get_args_parser().parse_args([command, '--output_dir', str(out), *map(str, flags)]))
+    name = {'entropy': 'attention_entropy'}.get(command, command)
+    return json.load(open(os.path.join(out, f'{name}.json')))
+
+
+def test_fusion_weights_are_logged_at_the_print_points_and_drawn(analysis_run, tmp_path):
+    run_dir = analysis_run / 'mff'
+    lines = [json.loads(line) for line in open(run_dir / 'fusion_weights.jsonl')]
+    assert [r['epoch'] for r in lines] == [0.5, 1.0, 1.5, 2.0] and [r['step'] for r in lines] == [1, 2, 3, 4]
+    assert lines[-1]['levels'] == [0, 5, 11] and lines[-1]['fusion_weights'] == read_log(run_dir)[-1]['fusion_weights']
+    with open(run_dir / 'fusion_weights.jsonl', 'a') as f:               # a resumed run repeats steps 3-4
+        f.write(json.dumps({**lines[2], 'fusion_weights': [0.2, 0.3, 0.5]}) + '\n')
+    result = analyze_cli('fusion', tmp_path, '--log', run_dir / 'log.jsonl', '--labels', 'mff')['mff']
+    assert result['step'] == [1, 2, 3] and result['fusion_weights'][-1] == [0.2, 0.3, 0.5]
+    assert result['levels'] == [0, 5, 11] and (tmp_path / 'fusion.png').exists()
+
+
+def test_frequency_entropy_hessian_reconstruct_run_end_to_end(analysis_run, tmp_path):
+    ckpt = analysis_run / 'mff' / 'checkpoint-last.pth'
+    freq = analyze_cli('frequency', tmp_path, '--checkpoint', ckpt, analysis_run / 'pilamim.pth', '--num_images', 6,
+                       '--batch_size', 4, '--labels', 'mff', 'pilamim')
+    amps = freq['mff']['relative_log_amplitude']
+    assert len(amps) == 13 and all(len(a) == 2 and a[0] == 0 for a in amps)
+    assert amps != freq['pilamim']['relative_log_amplitude']
+    ent = analyze_cli('entropy', tmp_path, '--checkpoint', ckpt, '--num_images', 4, '--labels', 'mff')['mff']
+    assert len(ent['cls']) == len(ent['patch']) == 12 and ent['max_entropy'] == pytest.approx(math.log(16))
+    assert all(0 < h <= math.log(16) + 1e-4 for h in ent['cls'] + ent['patch'])
+    hes = analyze_cli('hessian', tmp_path, '--checkpoint', ckpt, '--batches', 2, '--batch_size', 4, '--top_k', 2,
+                      '--max_iter', 2, '--labels', 'mff')['mff']
+    assert len(hes['eigenvalues']) == 2 and all(len(e) == 2 and all(map(math.isfinite, e)) for e in hes['eigenvalues'])
+    rec = analyze_cli('reconstruct', tmp_path, '--checkpoint', ckpt, analysis_run / 'pixmim_mff.pth',
+                      analysis_run / 'pilamim.pth', '--num_images', 3)
+    assert [r['method'] for r in rec.values()] == ['mae', 'pixmim', 'pilamim']
+    assert [len(r['columns']) for r in rec.values()] == [3, 4, 3]        # PixMIM adds its low-pass target
+    for r in rec.values():
+        assert Image.open(r['png']).size[1] > 3 * 96                    # three rows of upscaled images
+    for name in ('frequency', 'attention_entropy', 'hessian'):
+        assert (tmp_path / f'{name}.png').exists()
+
+
+@pytest.mark.parametrize('script', ['mae_mff.py', 'pixmim_mff.py', 'pilamim.py'])
+def test_rebuilt_loss_is_the_scripts_own_training_loss(analysis_run, script):
+    path = analysis_run / ('mff/checkpoint-last.pth' if script == 'mae_mff.py' else f'{script[:-3]}.pth')
+    model, train_args, method = analyze.pretraining_model(str(path))
+    imgs = torch.randn(2, 3, 16, 16)
+    torch.manual_seed(1)
+    own = (pixmim_loss(model, imgs, 0.75, train_args.lpf_radius or 40 * 16 / 224) if script == 'pixmim_mff.py'
+           else model(imgs, 0.75)[0])                                    # the training loop's call
+    torch.manual_seed(1)
+    rebuilt = analyze.pretraining_loss(model, train_args, method, imgs, torch.rand(2, 16))[0]
+    assert method == {'mae_mff.py': 'mae', 'pixmim_mff.py': 'pixmim', 'pilamim.py': 'pilamim'}[script]
+    assert torch.allclose(own, rebuilt) and not model.training
+
+
+def test_analyze_bad_input_is_one_line(analysis_run, tmp_path, monkeypatch, capsys):
+    ckpt = str(analysis_run / 'mff' / 'checkpoint-last.pth')
+    bare = str(tmp_path / 'bare.pth')                                    # official-MAE-style: weights only
+    save_checkpoint({'model': torch.load(ckpt, weights_only=True)['model']}, bare)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'analyze.py'), 'hessian', '--checkpoint', bare,
+                           '--output_dir', str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=ENV,
+                          timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert 'records no training args' in proc.stderr
+    (tmp_path / 'empty.jsonl').write_text('')
+    (tmp_path / 'mae').mkdir()
+    (tmp_path / 'mae' / 'log.jsonl').write_text(json.dumps({'epoch': 1, 'step': 4, 'fusion_weights': None}) + '\n')
+    small = ['--builtin_size', 32]                                       # an evaluation split of 256 images
+    for command, flags, words in [('fusion', ['--log', tmp_path / 'empty.jsonl'], 'is empty'),
+                                  ('fusion', ['--log', tmp_path / 'mae' / 'log.jsonl'], 'no fusion weights'),
+                                  ('fusion', ['--log', tmp_path / 'missing.jsonl'], 'does not exist'),
+                                  ('entropy', ['--checkpoint', ckpt, '--num_images', 257, *small], 'does not fit'),
+                                  ('frequency', ['--checkpoint', ckpt, ckpt], 'share the label'),
+                                  ('hessian', ['--checkpoint', ckpt, '--batches', 3, '--batch_size', 16, *small], 'more than')]:
+        monkeypatch.setattr(sys, 'argv', ['analyze.py', command, '--output_dir', str(tmp_path), *map(str, flags)])
+        with pytest.raises(SystemExit) as e:
+            common.run(analyze.main, analyze.get_args_parser())
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+def test_without_matplotlib_the_json_is_still_written(analysis_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)                 # import matplotlib -> ImportError
+    analyze_cli('fusion', tmp_path, '--log', analysis_run / 'mff' / 'log.jsonl')
+    assert 'pip install matplotlib' in capsys.readouterr().out and not (tmp_path / 'fusion.png').exists()
