@@ -161,6 +161,7 @@ def plan(args, cfg, root, selected=True):
                '--patch_size', cfg['patch_size'], '--decoder_embed_dim', dim, '--decoder_depth', ddepth,
                '--decoder_num_heads', heads, '--batch_size', cfg['batch_size'], '--accum_iter', 1,
                '--blr', cfg['blr'], '--epochs', E, '--warmup_epochs', cfg['warmup_epochs'], '--save_freq', E,
+               '--print_freq', 4,                                        # fusion weights every 4 steps: a curve
                '--num_workers', cfg['workers'], '--seed', s, '--output_dir', out, '--resume', 'auto',
                *flags, *data_flags(args, cfg['pretrain_images'])]
         add('pretrain', f'pretrain {m} seed {s}', cmd, out, f'checkpoint-{E}.pth', [],
@@ -373,8 +374,8 @@ def verdict(value, se, n, expect):
     """|value - threshold| >= 2 SE on the claimed side: holds; on the other side: does not hold; else within noise."""
     op, t = ('not<', float(expect[4:])) if expect.startswith('not<') else (expect[0], float(expect[1:]))
     if n < 2:
-        side = 'above' if value > t else 'below' if value < t else 'at'
-        return f'one seed: SE unknown ({side} {t:g})'
+        agrees = value < t if op == '<' else value >= t if op == 'not<' else value > t
+        return f"one seed, no SE: the sign {'agrees with' if agrees else 'is against'} the claim"
     z = (value - t) / se if se > 0 else math.copysign(math.inf, value - t) if value != t else 0.
     if op == 'not<':                                                     # only a significant drop refutes it
         return 'does not hold' if z <= -2 else 'holds (no significant loss)'

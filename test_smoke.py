@@ -1532,7 +1532,7 @@ def test_reproduce_end_to_end_then_a_rerun_skips_every_finished_step(tmp_path):
         assert 'hf_last' in runs['mae'] and 'hf_last' in runs['mff_mae']
     claim = next(r for r in res['claims'] if r['claim'].startswith('MFF-MAE > MAE, linear probe'))
     assert claim['value'] == pytest.approx(runs['mff_mae']['cls_shape']['0'] - runs['mae']['cls_shape']['0'])
-    assert claim['verdict'].startswith('one seed: SE unknown')           # no verdict from one seed
+    assert claim['verdict'].startswith('one seed, no SE')                # no verdict from one seed
     md = (root / 'results.md').read_text()
     assert '| claim | published | measured | ± SE | seeds | verdict |' in md and '| MFF-MAE |' in md
     ckpt = root / 'pretrain' / 'mae_s0' / 'checkpoint-1.pth'
@@ -1566,7 +1566,8 @@ def test_reproduce_claims_arithmetic():
     assert reproduce.verdict(-1., 1., 3, 'not<0') == 'holds (no significant loss)'
     assert reproduce.verdict(0.95, 0.01, 3, '>0.9') == 'holds'
     assert reproduce.verdict(-2., 0.5, 3, '<0') == 'holds'
-    assert reproduce.verdict(5., None, 1, '>0').startswith('one seed: SE unknown (above 0)')
+    assert reproduce.verdict(5., None, 1, '>0') == 'one seed, no SE: the sign agrees with the claim'
+    assert reproduce.verdict(5., None, 1, '<0') == 'one seed, no SE: the sign is against the claim'
 
 
 def test_reproduce_dry_run_and_bad_selection(tmp_path):
@@ -1778,3 +1779,18 @@ def test_without_matplotlib_the_json_is_still_written(analysis_run, tmp_path, mo
     monkeypatch.setitem(sys.modules, 'matplotlib', None)                 # import matplotlib -> ImportError
     analyze_cli('fusion', tmp_path, '--log', analysis_run / 'mff' / 'log.jsonl')
     assert 'pip install matplotlib' in capsys.readouterr().out and not (tmp_path / 'fusion.png').exists()
+
+
+def test_fusion_weight_curve_follows_the_per_run_log_policy(tmp_path):
+    args = argparse.Namespace(output_dir=str(tmp_path))
+    fusion, log = tmp_path / 'fusion_weights.jsonl', tmp_path / 'log.jsonl'
+    fusion.write_text(''.join(json.dumps({'epoch': e, 'fusion_weights': [0.5, 0.5]}) + '\n' for e in (0.5, 1, 1.5, 2)))
+    log.write_text(''.join(json.dumps({'epoch': e}) + '\n' for e in (1, 2)))
+    common.start_log(args, resumed_epoch=1)                              # resumed after epoch 1
+    assert [json.loads(x)['epoch'] for x in fusion.read_text().splitlines()] == [0.5, 1]
+    assert [json.loads(x)['epoch'] for x in log.read_text().splitlines()] == [1]
+    common.start_log(args)                                               # a fresh run: both start empty
+    assert fusion.read_text() == '' and log.read_text() == ''
+    fusion.unlink()
+    common.start_log(args)
+    assert not fusion.exists()                                           # plain MAE leaves no empty curve file
