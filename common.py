@@ -906,19 +906,34 @@ def run(main, parser, presets=None):
     if presets and getattr(args, 'preset', None):
         parser.set_defaults(**presets[args.preset])
     args = parser.parse_args()
+    finished = False
     try:
         check_flags(args)
         if getattr(args, 'output_dir', None):
             make_output_dir(args.output_dir)
         main(args)
+        finished = True
     except (InputError, NonFiniteLossError, DiskFullError) as e:
         # A loader worker wraps the message in its traceback; the last line is ours.
         msg = re.sub(r'^[\w.]*Error: ', '', str(e).strip().splitlines()[-1])
-        print(f'{parser.prog}: error: {msg}', file=sys.stderr)
+        print(f'{parser.prog}: error: {msg}', file=sys.stderr, flush=True)
+        if dist.is_initialized():       # leave at once: tearing gloo down while a peer still runs aborts
+            os._exit(2)                 # the process (SIGABRT), which would hide the exit code
         sys.exit(2)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if finished:
+            close_distributed()
+
+
+def close_distributed():
+    """End of a torchrun job: wait for every rank (rank 0 may still be writing), then tear down.
+
+    Without the barrier, gloo aborts a rank that leaves while another still works ("terminate called
+    without an active exception"), and torchrun reports a finished run as failed.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -318,8 +318,8 @@ if world > 1:
 if rank == 0:
     torch.save({{'loss': loss, 'grads': {{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}}},
                sys.argv[1])
-if world > 1:
-    dist.destroy_process_group()
+import common
+common.close_distributed()                      # else gloo may abort the exit ("terminate called ...")
 '''
 
 
@@ -1240,8 +1240,8 @@ probe.train_probe(encoder, (train_x, train_y), (val_x, val_y), 4, args, device, 
 if rank == 0:
     json.dump({{'knn': knn, 'linear': linear, 'bank_y': bank_y.tolist(), 'bank_x': bank_x.sum().item()}},
               open(sys.argv[1], 'w'))
-if world > 1:
-    torch.distributed.destroy_process_group()   # else gloo may abort the exit ("terminate called ...")
+import common
+common.close_distributed()                      # else gloo may abort the exit ("terminate called ...")
 '''
 
 
@@ -1452,8 +1452,8 @@ loader = make_loader(data, 4, rank, world, 0, train=False)[0]
 top1, _ = evaluate(AlwaysZero(), loader, device, world, 2)
 if rank == 0:
     open(sys.argv[1], 'w').write(repr(top1))
-if world > 1:
-    torch.distributed.destroy_process_group()   # else gloo may abort the exit ("terminate called ...")
+import common
+common.close_distributed()                      # else gloo may abort the exit ("terminate called ...")
 '''
 
 
