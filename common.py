@@ -899,8 +899,9 @@ def check_flags(args):
 def run(main, parser, presets=None):
     """Parse flags (a --preset supplies defaults that explicit flags override) and run main.
 
-    Flags and --output_dir are checked first. InputError / NonFiniteLossError / DiskFullError end
-    the program with one line naming the problem and the fix, exit code 2.
+    Flags and --output_dir are checked first. InputError / NonFiniteLossError / DiskFullError, and a
+    full disk anywhere else (a log or result file), end the program with one line naming the problem
+    and the fix, exit code 2.
     """
     args, _ = parser.parse_known_args()
     if presets and getattr(args, 'preset', None):
@@ -913,9 +914,16 @@ def run(main, parser, presets=None):
             make_output_dir(args.output_dir)
         main(args)
         finished = True
-    except (InputError, NonFiniteLossError, DiskFullError) as e:
-        # A loader worker wraps the message in its traceback; the last line is ours.
-        msg = re.sub(r'^[\w.]*Error: ', '', str(e).strip().splitlines()[-1])
+    except Exception as e:
+        if isinstance(e, (InputError, NonFiniteLossError, DiskFullError)):
+            # A loader worker wraps the message in its traceback; the last line is ours.
+            msg = re.sub(r'^[\w.]*Error: ', '', str(e).strip().splitlines()[-1])
+        elif disk_full(e):              # a log or result file (checkpoints raise DiskFullError themselves)
+            where = getattr(args, 'output_dir', None) or '.'
+            msg = (f'disk full while writing in {where}: checkpoints already written are intact; free space '
+                   f'there, then rerun the same command (training scripts: with --resume auto)')
+        else:
+            raise
         print(f'{parser.prog}: error: {msg}', file=sys.stderr, flush=True)
         if dist.is_initialized():       # leave at once: tearing gloo down while a peer still runs aborts
             os._exit(2)                 # the process (SIGABRT), which would hide the exit code

@@ -5,6 +5,8 @@ timm compatibility, checkpoints, resume after a kill, DDP, bad input), PixMIM an
 EMA target, target order, resume), probe.py (pooling, cache, frozen encoder, loading).
 """
 import argparse
+import builtins
+import errno
 import importlib
 import json
 import math
@@ -1069,7 +1071,6 @@ def test_output_dir_that_cannot_be_written_is_named_before_any_work(tmp_path, mo
 
 def disk_fills_after(limit):
     """A torch.save whose file write fails with ENOSPC after `limit` bytes, as a full disk does."""
-    import errno
     import io
     real_save = torch.save
 
@@ -1104,6 +1105,24 @@ def test_full_disk_keeps_the_previous_checkpoint_and_no_temp_file(tmp_path, monk
     fails_in_one_line('mae_mff.py', [*METHOD_CLI, '--output_dir', out, '--epochs', '1'], monkeypatch, capsys,
                       'disk full while writing', 'free space')
     assert not [f for f in os.listdir(out) if '.tmp' in f]
+
+
+def test_full_disk_on_a_log_or_result_file_is_one_line(tmp_path, monkeypatch, capsys):
+    real_open = builtins.open
+
+    def open_on_full_disk(path, mode='r', *a, **kw):
+        if str(path).endswith('log.jsonl') and mode == 'a' or str(path).endswith('.json') and mode == 'w':
+            raise OSError(errno.ENOSPC, 'No space left on device', str(path))
+        return real_open(path, mode, *a, **kw)
+
+    monkeypatch.setattr(builtins, 'open', open_on_full_disk)
+    out = tmp_path / 'run'
+    fails_in_one_line('mae_mff.py', [*METHOD_CLI, '--output_dir', out, '--epochs', '1'], monkeypatch, capsys,
+                      f'disk full while writing in {out}', 'intact', '--resume auto')
+    assert common.load_checkpoint(str(out / 'checkpoint-last.pth'))['epoch'] == 1   # saved before the log line
+    fails_in_one_line('probe.py', ['--checkpoint', out / 'checkpoint-last.pth', '--output_dir', tmp_path / 'probe',
+                                   '--epochs', '1', '--builtin_size', '64', '--batch_size', '16'],
+                      monkeypatch, capsys, 'disk full while writing in')
 
 
 def poison_loss(monkeypatch):
