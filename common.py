@@ -261,8 +261,12 @@ def read_encoder(path, args, check_input_size=True):
     --model/--patch_size/--num_heads (and --input_size, unless the caller resizes to it) are only checks.
     """
     ckpt = load_checkpoint(path)
-    state = ckpt['model'] if isinstance(ckpt.get('model'), dict) else ckpt    # ours/official, or timm's bare dict
-    state = encoder_state_dict(state)                # context encoder for PiLaMIM; drops decoder, MFF, head
+    full = ckpt['model'] if isinstance(ckpt.get('model'), dict) else ckpt     # ours/official, or timm's bare dict
+    state = encoder_state_dict(full)                 # context encoder for PiLaMIM; drops decoder, MFF, head
+    if 'norm.weight' not in state and 'fc_norm.weight' in full:
+        # finetune.py (timm, global_pool='avg') keeps its final norm after pooling as fc_norm; as the encoder's
+        # norm it makes probe.py's `mean` pooling, norm(mean(patch tokens)), the fine-tuned model's own feature
+        state.update({'norm.weight': full['fc_norm.weight'], 'norm.bias': full['fc_norm.bias']})
     if 'cls_token' not in state or 'patch_embed.proj.weight' not in state or 'pos_embed' not in state:
         raise InputError(f'{path} holds no ViT encoder with a [cls] token (patch_embed.*, cls_token, pos_embed, '
                          'blocks.*): pass a checkpoint of our scripts, an official MAE one or a timm ViT state dict')

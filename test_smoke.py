@@ -1438,6 +1438,12 @@ def test_short_finetune_improves_and_its_weights_load_into_timm(pretrained, tmp_
     evaluated = finetune_run('--eval', '--checkpoint', out / 'checkpoint-last.pth', '--output_dir', out, *FT_CLI,
                              '--builtin_size', '256')                    # --eval alone: the same val top-1
     assert evaluated['top1'] == result['top1'] and json.load(open(out / 'eval.json'))['top1'] == result['top1']
+    # probe.py reads the fine-tuned encoder: its `mean` feature is the classifier's own pre-logits feature
+    encoder = common.load_encoder(str(out / 'checkpoint-last.pth'), probe_args('--checkpoint', 'x'))
+    with torch.no_grad():
+        tokens = encoder.forward_blocks(encoder.embed(imgs), [encoder.depth - 1])[-1]
+        assert torch.allclose(encoder.norm(tokens[:, 1:].mean(1)),
+                              vit.forward_head(vit.forward_features(imgs), pre_logits=True), atol=1e-5)
 
 
 def test_finetune_resume_after_an_epoch_equals_the_uninterrupted_run(pretrained, tmp_path):
