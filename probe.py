@@ -369,7 +369,8 @@ def get_args_parser():
     a('--epochs', type=int, default=None, help='default 90 (MAE; PiLaMIM uses 100), 30 on built-in data')
     a('--warmup_epochs', type=int, default=None, help='default 10, 3 on built-in data')
     a('--blr', type=float, default=None,
-      help='lr = blr x effective batch / 256; default 0.1 (MAE: lr 6.4 at 16384), 30 on built-in data. '
+      help='lr = blr x effective batch / 256; default 0.1 (MAE: lr 6.4 at 16384), 30 on built-in data '
+           '(an abmilp probe there that ends near chance: try 10). '
            "PiLaMIM's probe: lr 3 at batch 1024 = blr 0.75")
     a('--lr', type=float, default=None, help='absolute lr; overrides --blr')
     a('--min_lr', type=float, default=0.)
