@@ -337,7 +337,8 @@ def main(args):
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     a = p.add_argument
-    a('--checkpoint', required=True, help='our pre-training or finetune.py checkpoint, an official MAE .pth or a timm ViT state dict')
+    a('--checkpoint', required=True,
+      help='our pre-training or finetune.py checkpoint, an official MAE .pth or a timm ViT state dict')
     a('--model', default='', help='only a check: the architecture is read from the checkpoint')
     a('--input_size', type=int, default=None, help='only a check; the pre-training size is used')
     a('--patch_size', type=int, default=None, help='only a check')
