@@ -26,7 +26,7 @@ import probe
 from common import VIT_SIZES, ViTEncoder, adamw, autocast, make_loader
 from mae_mff import MaskedAutoencoder, paper_mff_layers
 from pilamim import PiLaMIM, momentum_at
-from pixmim_mff import pixmim_loss
+from pixmim_mff import PixMIM
 
 # Dense bf16 tensor-core peaks (FLOP/s), matched against torch.cuda.get_device_name.
 BF16_PEAK = {'H200': 989e12, 'H100 PCIe': 756e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12,
@@ -52,7 +52,7 @@ def methods(size, input_size, patch_size):
     return {
         'mae': (lambda: MaskedAutoencoder(**mae), plain_loss, None),
         'mff_mae': (lambda: MaskedAutoencoder(**mae, mff_layers=paper_mff_layers(depth)), plain_loss, None),
-        'pixmim': (lambda: MaskedAutoencoder(**mae), lambda m, x: pixmim_loss(m, x, 0.75, radius), None),
+        'pixmim': (lambda: PixMIM(lpf_radius=radius, **mae), plain_loss, None),
         'pilamim': (lambda: PiLaMIM(**vit), plain_loss, lambda m, i, n: m.update_target(momentum_at(i, n))),
     }
 
