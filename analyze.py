@@ -94,6 +94,10 @@ def pretraining_model(path):
         raise InputError(f'{path} records no script, and the pre-training model and loss are rebuilt from it: pass '
                          'a checkpoint written by a pre-training script of this project (they record their name)')
     module = script_module(script, path)
+    if not all(hasattr(module, f) for f in ('get_args_parser', 'resolve_recipe', 'build_model')):
+        raise InputError(f'{path} was written by {script}, which is no pre-training script (it lacks get_args_parser, '
+                         'resolve_recipe or build_model): pass a checkpoint of mae_mff.py, pixmim_mff.py, pilamim.py '
+                         'or a copy of one')
     train_args = module.get_args_parser().parse_args([])
     vars(train_args).update(recorded)
     module.resolve_recipe(train_args)

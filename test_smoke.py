@@ -1828,12 +1828,14 @@ def test_analyze_bad_input_is_one_line(analysis_run, tmp_path, monkeypatch, caps
     recorded = torch.load(ckpt, weights_only=True)
     save_checkpoint(dict(recorded, script='gone.py'), str(tmp_path / 'gone.pth'))
     save_checkpoint({k: v for k, v in recorded.items() if k != 'script'}, str(tmp_path / 'unrecorded.pth'))
+    save_checkpoint(dict(recorded, script='finetune.py'), str(tmp_path / 'finetuned.pth'))
     (tmp_path / 'empty.jsonl').write_text('')
     (tmp_path / 'mae').mkdir()
     (tmp_path / 'mae' / 'log.jsonl').write_text(json.dumps({'epoch': 1, 'step': 4, 'fusion_weights': None}) + '\n')
     small = ['--builtin_size', 32]                                       # an evaluation split of 256 images
     for command, flags, words in [('hessian', ['--checkpoint', tmp_path / 'gone.pth'], 'gone.py, which is not in'),
                                   ('reconstruct', ['--checkpoint', tmp_path / 'unrecorded.pth'], 'records no script'),
+                                  ('hessian', ['--checkpoint', tmp_path / 'finetuned.pth'], 'no pre-training script'),
                                   ('fusion', ['--log', tmp_path / 'empty.jsonl'], 'is empty'),
                                   ('fusion', ['--log', tmp_path / 'mae' / 'log.jsonl'], 'no fusion weights'),
                                   ('fusion', ['--log', tmp_path / 'missing.jsonl'], 'does not exist'),
