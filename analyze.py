@@ -22,6 +22,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 
 import torch
@@ -55,12 +56,17 @@ def encoder_of(path, args):
                                                        num_heads=args.num_heads))
 
 
-def official_mae_record(ckpt):
-    """An official MAE checkpoint (main_pretrain.py pickles its args as a Namespace, records no script) ->
-    ours: plain MAE is mae_mff.py with --mff_layers none. Any other checkpoint is returned unchanged."""
-    if 'script' in ckpt or not isinstance(ckpt.get('args'), argparse.Namespace):
-        return ckpt
-    return dict(ckpt, script='mae_mff.py', args={**vars(ckpt['args']), 'mff_layers': 'none'})
+def current_record(ckpt):
+    """-> the checkpoint with the record the scripts write now. Official MAE (main_pretrain.py pickles its args
+    as a Namespace, records no script) is mae_mff.py with --mff_layers none; ours from before --model names
+    stated the patch (--model mae_vit_tiny_patch16 --patch_size 4) get the name mae_vit_tiny_patch4."""
+    if 'script' not in ckpt and isinstance(ckpt.get('args'), argparse.Namespace):
+        ckpt = dict(ckpt, script='mae_mff.py', args={**vars(ckpt['args']), 'mff_layers': 'none'})
+    recorded = ckpt.get('args')
+    if isinstance(recorded, dict) and recorded.get('patch_size') and isinstance(recorded.get('model'), str):
+        model = re.sub(r'_patch\d+$', f"_patch{recorded['patch_size']}", recorded['model'])
+        ckpt = dict(ckpt, args={k: v for k, v in {**recorded, 'model': model}.items() if k != 'patch_size'})
+    return ckpt
 
 
 def script_module(script, path):
@@ -85,7 +91,7 @@ def pretraining_model(path):
     The checkpoint's 'script' names the file whose build_model makes the model; its recorded 'args'
     over that script's argparse defaults are the flags (resolve_recipe fills in what it resolves).
     """
-    ckpt = official_mae_record(load_checkpoint(path))
+    ckpt = current_record(load_checkpoint(path))
     recorded, script = ckpt.get('args'), ckpt.get('script')
     if not isinstance(recorded, dict) or not isinstance(ckpt.get('model'), dict):
         raise InputError(f'{path} records no training args, and the pre-training model and loss are rebuilt from '

@@ -1798,6 +1798,14 @@ def test_frequency_entropy_hessian_reconstruct_run_end_to_end(analysis_run, tmp_
         assert (tmp_path / f'{name}.png').exists()
 
 
+def test_records_of_earlier_versions_are_rebuilt(analysis_run, tmp_path):
+    ckpt = torch.load(analysis_run / 'mff' / 'checkpoint-last.pth', weights_only=True)
+    old = dict(ckpt, args=dict(ckpt['args'], model='mae_vit_tiny_patch16', patch_size=4))   # before issue 19
+    save_checkpoint(old, str(tmp_path / 'old.pth'))
+    model, train_args, script = analyze.pretraining_model(str(tmp_path / 'old.pth'))
+    assert model.patch_size == 4 and train_args.model == 'mae_vit_tiny_patch4' and script == 'mae_mff.py'
+
+
 @pytest.mark.parametrize('script', ['mae_mff.py', 'pixmim_mff.py', 'pilamim.py'])
 def test_rebuilt_loss_is_the_scripts_own_training_loss(analysis_run, script):
     path = analysis_run / ('mff/checkpoint-last.pth' if script == 'mae_mff.py' else f'{script[:-3]}.pth')
