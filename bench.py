@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import probe
-from common import VIT_SIZES, ViTEncoder, adamw, autocast, make_loader
+from common import VIT_SIZES, ViTEncoder, adamw, autocast, make_loader, parse_args
 from mae_mff import MaskedAutoencoder, paper_mff_layers
 from pilamim import PiLaMIM, momentum_at
 from pixmim_mff import PixMIM
@@ -105,10 +105,11 @@ def bench_probe_cache(device, steps, size='tiny', img_size=32, patch_size=4, bat
         cache = (feats.repeat(steps, *[1] * (feats.ndim - 1)), labels.repeat(steps))   # steps x batch entries
         val = (feats[:1], labels[:1])
         with tempfile.TemporaryDirectory() as out:
-            args = probe.get_args_parser().parse_args(['--checkpoint', 'x', '--pool', pool, '--epochs', '2',
-                                                      '--batch_size', str(batch_size), '--output_dir', out])
+            args = parse_args(probe.get_args_parser(), probe.PRESETS, ['--preset', 'laptop', '--checkpoint', 'x',
+                                                                        '--pool', pool, '--epochs', '2', '--batch_size',
+                                                                        str(batch_size), '--output_dir', out])
             args.world_size = 1
-            probe.resolve_defaults(args)
+            probe.resolve_recipe(args)
             times = {}
             images = torch.utils.data.TensorDataset(imgs.cpu().repeat(steps, 1, 1, 1), labels.cpu().repeat(steps))
             loader = make_loader(images, batch_size, 0, 1, 0, train=True)[0]   # in-memory images, shuffled

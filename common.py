@@ -95,7 +95,7 @@ def patchify(imgs, p):
     n, c, H, W = imgs.shape
     if H % p or W % p:
         raise InputError(f'image size {H}x{W} is not divisible by patch size {p}: '
-                         'pick --input_size as a multiple of --patch_size')
+                         'pick --input_size as a multiple of the patch size (the patch<p> of --model)')
     h, w = H // p, W // p
     x = imgs.reshape(n, c, h, p, w, p)
     return torch.einsum('nchpwq->nhwpqc', x).reshape(n, h * w, p * p * c)
@@ -180,7 +180,7 @@ class ViTEncoder(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise InputError(f'image size {img_size} is not divisible by patch size {patch_size}: '
-                             'pick --input_size as a multiple of --patch_size')
+                             'pick --input_size as a multiple of the patch size (the patch<p> of --model)')
         self.patch_size, self.depth = patch_size, depth
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.num_patches = self.patch_embed.num_patches
