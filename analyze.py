@@ -9,31 +9,34 @@
 Each command writes <output_dir>/<command>.json and a PNG figure (matplotlib is optional: without
 it the JSON is still written). frequency and entropy read the encoder of any checkpoint (ours,
 official MAE, timm); hessian and reconstruct rebuild the whole pre-training model and its loss
-from the `args` a checkpoint records. Images: the first --num_images of the evaluation split in
+from the checkpoint's record: the `script` that wrote it (imported from this folder, so a new
+method's script works without an edit here) and the `args` it trained with, through the contract
+of common.py (get_args_parser, resolve_recipe, build_model; forward -> (loss, pred, mask, ...),
+reconstruction_target). Images: the first --num_images of the evaluation split in
 order (val/ of --data_path, or the built-in shapes) with the evaluation transform, so every
 checkpoint sees the same images; hessian uses augmented training batches, as Park & Kim advise.
 """
 import argparse
+import importlib.util
 import itertools
 import json
 import math
 import os
+import re
+import sys
 
 import torch
 from torch.utils.data import DataLoader, Subset
 from torchvision.utils import make_grid, save_image
 
-import mae_mff
-import pilamim
-import pixmim_mff
 from common import (IMAGENET_MEAN, IMAGENET_STD, InputError, attention_entropy, autocast, build_dataset,
                     eval_transform, hessian_top_eigenvalues, load_checkpoint, load_encoder, load_matching_state,
-                    patchify, progress, random_masking, relative_log_amplitude, run, train_transform, unpatchify)
+                    patchify, progress, relative_log_amplitude, run, train_transform, unpatchify)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints, images, output files.
-
-METHODS = {'mae': mae_mff, 'pixmim': pixmim_mff, 'pilamim': pilamim}
 
 
 def labelled(paths, labels):
@@ -53,39 +56,60 @@ def encoder_of(path, args):
                                                        num_heads=args.num_heads))
 
 
-def method_of(recorded):
-    """Which script wrote the args: PiLaMIM records its EMA, PixMIM its low-pass radius, MAE/MFF neither."""
-    return 'pilamim' if 'ema_momentum' in recorded else 'pixmim' if 'lpf_radius' in recorded else 'mae'
+def current_record(ckpt):
+    """-> the checkpoint with the record the scripts write now. Official MAE (main_pretrain.py pickles its args
+    as a Namespace, records no script) is mae_mff.py with --mff_layers none; ours from before --model names
+    stated the patch (--model mae_vit_tiny_patch16 --patch_size 4) get the name mae_vit_tiny_patch4."""
+    if 'script' not in ckpt and isinstance(ckpt.get('args'), argparse.Namespace):
+        ckpt = dict(ckpt, script='mae_mff.py', args={**vars(ckpt['args']), 'mff_layers': 'none'})
+    recorded = ckpt.get('args')
+    if isinstance(recorded, dict) and recorded.get('patch_size') and isinstance(recorded.get('model'), str):
+        model = re.sub(r'_patch\d+$', f"_patch{recorded['patch_size']}", recorded['model'])
+        ckpt = dict(ckpt, args={k: v for k, v in {**recorded, 'model': model}.items() if k != 'patch_size'})
+    return ckpt
+
+
+def script_module(script, path):
+    """The pre-training script a checkpoint records, imported from this folder (the file, not a guess)."""
+    file = os.path.join(ROOT, os.path.basename(script))
+    if not os.path.isfile(file):
+        raise InputError(f'{path} was written by {script}, which is not in {ROOT}: put that script beside analyze.py '
+                         '(the model and its loss are rebuilt from it)')
+    name = os.path.splitext(os.path.basename(file))[0]
+    module = sys.modules.get(name)
+    if module is None or os.path.abspath(getattr(module, '__file__', '')) != file:
+        spec = importlib.util.spec_from_file_location(name, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module                                       # before running it, as `import` does
+        spec.loader.exec_module(module)
+    return module
 
 
 def pretraining_model(path):
-    """-> (model with its decoders, in eval mode; the args it trained with; method), from the recorded args."""
-    ckpt = load_checkpoint(path)
-    recorded = ckpt.get('args')
-    recorded = vars(recorded) if isinstance(recorded, argparse.Namespace) else recorded   # official MAE
-    if not isinstance(recorded, dict) or 'model' not in recorded or not isinstance(ckpt.get('model'), dict):
-        raise InputError(f'{path} records no training args, and the pre-training model and loss are rebuilt from '
-                         'them: pass a checkpoint written by mae_mff.py, pixmim_mff.py or pilamim.py')
-    method = method_of(recorded)
-    train_args = METHODS[method].get_args_parser().parse_args([])
-    if 'mff_layers' not in recorded:                                     # official MAE: no fusion
-        train_args.mff_layers = 'none'
-    vars(train_args).update(recorded)
-    model = METHODS[method].build_model(train_args)
-    load_matching_state(model, ckpt['model'], path)
-    return model.eval(), train_args, method
+    """-> (model with its decoders, in eval mode; the args it trained with; the script that wrote it).
 
-
-def pretraining_loss(model, train_args, method, imgs, noise):
-    """The checkpoint's own training loss on imgs, with the mask that noise (N, L) fixes -> the model's tuple.
-
-    MAE/MFF: masked MSE (norm_pix as trained); PixMIM: the same on the low-pass target; PiLaMIM:
-    L_pixel + L_latent + L_cls. fp32 unless the caller autocasts.
+    The checkpoint's 'script' names the file whose build_model makes the model; its recorded 'args'
+    over that script's argparse defaults are the flags (resolve_recipe fills in what it resolves).
     """
-    extra = {}
-    if method == 'pixmim':
-        extra['target_imgs'] = pixmim_mff.low_freq_target(imgs, pixmim_mff.lpf_radius(train_args))
-    return model(imgs, train_args.mask_ratio, noise=noise, **extra)
+    ckpt = current_record(load_checkpoint(path))
+    recorded, script = ckpt.get('args'), ckpt.get('script')
+    if not isinstance(recorded, dict) or not isinstance(ckpt.get('model'), dict):
+        raise InputError(f'{path} records no training args, and the pre-training model and loss are rebuilt from '
+                         'them: pass a checkpoint written by mae_mff.py, pixmim_mff.py, pilamim.py or a copy of one')
+    if not isinstance(script, str):
+        raise InputError(f'{path} records no script, and the pre-training model and loss are rebuilt from it: pass '
+                         'a checkpoint written by a pre-training script of this project (they record their name)')
+    module = script_module(script, path)
+    if not all(hasattr(module, f) for f in ('get_args_parser', 'resolve_recipe', 'build_model')):
+        raise InputError(f'{path} was written by {script}, which is no pre-training script (it lacks get_args_parser, '
+                         'resolve_recipe or build_model): pass a checkpoint of mae_mff.py, pixmim_mff.py, pilamim.py '
+                         'or a copy of one')
+    train_args = module.get_args_parser().parse_args([])
+    vars(train_args).update(recorded)
+    module.resolve_recipe(train_args)
+    model = module.build_model(train_args)
+    load_matching_state(model, ckpt['model'], path)
+    return model.eval(), train_args, script
 
 
 def data_args(args, input_size):
@@ -215,7 +239,7 @@ def draw_entropy(plt, results):
 def hessian(args):
     device, results = device_of(args), {}
     for path, label in labelled(args.checkpoint, args.labels):
-        model, train_args, method = pretraining_model(path)
+        model, train_args, script = pretraining_model(path)
         model.to(device)                                                 # eval mode: no drop-path
         dataset = build_dataset(data_args(args, train_args.input_size), 'train',
                                 train_transform(train_args.input_size, train_args.crop))
@@ -231,9 +255,9 @@ def hessian(args):
         for imgs, noise in progress(batches, 0, desc=label):
             imgs, noise = imgs.to(device), noise.to(device)
             spectra.append(hessian_top_eigenvalues(                     # fp32: no autocast here
-                lambda: pretraining_loss(model, train_args, method, imgs, noise)[0], model.parameters(),
+                lambda: model(imgs, train_args.mask_ratio, noise=noise)[0], model.parameters(),  # its own loss
                 k=args.top_k, max_iter=args.max_iter, tol=args.tol))
-        results[label] = {'checkpoint': path, 'method': method, 'batch_size': args.batch_size,
+        results[label] = {'checkpoint': path, 'script': script, 'batch_size': args.batch_size,
                           'eigenvalues': spectra}
     write_json(args, 'hessian', results)
     save_figure(args, 'hessian', draw_hessian, results)
@@ -328,31 +352,23 @@ def to_pixels(x):
 def reconstruct(args):
     device, results = device_of(args), {}
     for path, label in labelled(args.checkpoint, args.labels):
-        model, train_args, method = pretraining_model(path)
+        model, train_args, script = pretraining_model(path)
         model.to(device)
         p = model.patch_size
         imgs = torch.cat([x for x, _ in first_images(args, train_args.input_size)]).to(device)
         torch.manual_seed(args.seed)
         noise = torch.rand(len(imgs), model.num_patches, device=device)
-        captured = []                                                    # PiLaMIM returns losses only
-        hook = (model.pixel_decoder.register_forward_hook(lambda m, i, out: captured.append(out[:, 1:]))
-                if method == 'pilamim' else None)
         with autocast(device):
-            out = pretraining_loss(model, train_args, method, imgs, noise)
-        pred = (captured[0] if hook else out[1]).float()                 # (N, L, p*p*3)
-        if hook:
-            hook.remove()
-        mask = random_masking(len(imgs), model.num_patches, train_args.mask_ratio, device, noise)[1]  # 1 = removed
-        target = (pixmim_mff.low_freq_target(imgs, pixmim_mff.lpf_radius(train_args)) if method == 'pixmim'
-                  else imgs)
-        if train_args.norm_pix_loss:                                     # back to pixels: each patch's own stats
+            loss, pred, mask = model(imgs, train_args.mask_ratio, noise=noise)[:3]   # the contract of common.py
+        pred, target = pred.float(), model.reconstruction_target(imgs)   # (N, L, p*p*3); mask 1 = removed
+        if model.norm_pix_loss:                                          # back to pixels: each patch's own stats
             t = patchify(target, p)
             pred = pred * (t.var(dim=-1, keepdim=True) + 1.e-6) ** .5 + t.mean(dim=-1, keepdim=True)
         mask = unpatchify(mask[..., None].expand(-1, -1, p * p * 3), p)  # (N, 3, H, W)
         columns = {'original': imgs, 'masked': imgs * (1 - mask),        # removed patches: the mean colour
                    'reconstruction + visible': imgs * (1 - mask) + unpatchify(pred, p) * mask}
-        if method == 'pixmim':
-            columns['low-pass target'] = target
+        if not torch.equal(target, imgs):                                # e.g. PixMIM's low-pass image
+            columns['target'] = target
         grid = torch.stack([to_pixels(c) for c in columns.values()], dim=1).flatten(0, 1)  # row per image
         scale = max(1, 96 // train_args.input_size)                     # small images: nearest upscaling
         grid = torch.nn.functional.interpolate(grid, scale_factor=scale, mode='nearest')
@@ -360,8 +376,8 @@ def reconstruct(args):
         png = os.path.join(args.output_dir, f'reconstruct_{len(results)}.png')
         save_image(make_grid(grid, nrow=len(columns), padding=2, pad_value=1.), png)
         print(f'wrote {png} ({label}; columns: {", ".join(columns)})')
-        results[label] = {'checkpoint': path, 'method': method, 'png': png, 'columns': list(columns),
-                          'mask_ratio': train_args.mask_ratio, 'loss': float(out[0])}
+        results[label] = {'checkpoint': path, 'script': script, 'png': png, 'columns': list(columns),
+                          'mask_ratio': train_args.mask_ratio, 'loss': float(loss)}
     write_json(args, 'reconstruct', results)
 
 

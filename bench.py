@@ -23,10 +23,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import probe
-from common import VIT_SIZES, ViTEncoder, adamw, autocast, make_loader
+from common import VIT_SIZES, ViTEncoder, adamw, autocast, make_loader, parse_args
 from mae_mff import MaskedAutoencoder, paper_mff_layers
 from pilamim import PiLaMIM, momentum_at
-from pixmim_mff import pixmim_loss
+from pixmim_mff import PixMIM
 
 # Dense bf16 tensor-core peaks (FLOP/s), matched against torch.cuda.get_device_name.
 BF16_PEAK = {'H200': 989e12, 'H100 PCIe': 756e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12,
@@ -52,7 +52,7 @@ def methods(size, input_size, patch_size):
     return {
         'mae': (lambda: MaskedAutoencoder(**mae), plain_loss, None),
         'mff_mae': (lambda: MaskedAutoencoder(**mae, mff_layers=paper_mff_layers(depth)), plain_loss, None),
-        'pixmim': (lambda: MaskedAutoencoder(**mae), lambda m, x: pixmim_loss(m, x, 0.75, radius), None),
+        'pixmim': (lambda: PixMIM(lpf_radius=radius, **mae), plain_loss, None),
         'pilamim': (lambda: PiLaMIM(**vit), plain_loss, lambda m, i, n: m.update_target(momentum_at(i, n))),
     }
 
@@ -105,10 +105,11 @@ def bench_probe_cache(device, steps, size='tiny', img_size=32, patch_size=4, bat
         cache = (feats.repeat(steps, *[1] * (feats.ndim - 1)), labels.repeat(steps))   # steps x batch entries
         val = (feats[:1], labels[:1])
         with tempfile.TemporaryDirectory() as out:
-            args = probe.get_args_parser().parse_args(['--checkpoint', 'x', '--pool', pool, '--epochs', '2',
-                                                      '--batch_size', str(batch_size), '--output_dir', out])
+            args = parse_args(probe.get_args_parser(), probe.PRESETS, ['--preset', 'laptop', '--checkpoint', 'x',
+                                                                        '--pool', pool, '--epochs', '2', '--batch_size',
+                                                                        str(batch_size), '--output_dir', out])
             args.world_size = 1
-            probe.resolve_defaults(args)
+            probe.resolve_recipe(args)
             times = {}
             images = torch.utils.data.TensorDataset(imgs.cpu().repeat(steps, 1, 1, 1), labels.cpu().repeat(steps))
             loader = make_loader(images, batch_size, 0, 1, 0, train=True)[0]   # in-memory images, shuffled

@@ -1,8 +1,21 @@
-"""Shared pieces of the MIM scripts: ViT encoder, masking, data, distributed / checkpoint plumbing.
+"""Shared pieces of the MIM scripts: ViT encoder, masking, data, distributed, checkpoints, analysis tools.
 
-Every method file (mae_mff.py, pixmim_mff.py, pilamim.py, probe.py, finetune.py) imports from here;
-nothing in this file knows about a particular method. Section order: encoder -> masking -> data ->
-distributed -> optimisation -> checkpoints -> logging -> command line.
+Every script (mae_mff.py, pixmim_mff.py, pilamim.py, probe.py, finetune.py, analyze.py) imports from
+here; nothing in this file knows about a particular method, and none of it fixes the order of a
+script's set-up: each script's main() calls these pieces in its own visible order. A method file
+copied together with this file alone runs (pixmim_mff.py also needs mae_mff.py, whose model it extends).
+Section order: encoder -> masking -> data -> distributed -> optimisation -> checkpoints -> logging ->
+command line -> analysis.
+
+The contract every pre-training model meets (analyze.py relies on it, nothing else):
+    model(imgs, mask_ratio, noise=None) -> (loss, pred, mask, ...)  loss: the training loss (scalar);
+        pred (N, L, p*p*C): pixel predictions of the target patches (standardised under norm_pix_loss);
+        mask (N, L), 1 = removed; a model may return more after these three (PiLaMIM: its loss terms)
+    model.reconstruction_target(imgs) -> (N, C, H, W): the image pred reconstructs (imgs, or a filtered one)
+    model.norm_pix_loss, model.patch_size, model.num_patches
+and every pre-training script offers get_args_parser(), resolve_recipe(args) (fills in what is resolved
+at start-up; a no-op on resolved args) and build_model(args), and records its own file name as the
+checkpoint's 'script' (save_training_state), from which analyze.py rebuilds the model and its loss.
 """
 import argparse
 import errno
@@ -82,7 +95,7 @@ def patchify(imgs, p):
     n, c, H, W = imgs.shape
     if H % p or W % p:
         raise InputError(f'image size {H}x{W} is not divisible by patch size {p}: '
-                         'pick --input_size as a multiple of --patch_size')
+                         'pick --input_size as a multiple of the patch size (the patch<p> of --model)')
     h, w = H // p, W // p
     x = imgs.reshape(n, c, h, p, w, p)
     return torch.einsum('nchpwq->nhwpqc', x).reshape(n, h * w, p * p * c)
@@ -167,7 +180,7 @@ class ViTEncoder(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise InputError(f'image size {img_size} is not divisible by patch size {patch_size}: '
-                             'pick --input_size as a multiple of --patch_size')
+                             'pick --input_size as a multiple of the patch size (the patch<p> of --model)')
         self.patch_size, self.depth = patch_size, depth
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.num_patches = self.patch_embed.num_patches
@@ -220,7 +233,7 @@ def load_matching_state(module, state_dict, source, strict=True):
     for k, v in state_dict.items():
         if k in own and own[k].shape != v.shape:
             raise InputError(f'{source} was made for another architecture ({k}: {tuple(v.shape)} there, '
-                             f'{tuple(own[k].shape)} here): pass the --model/--patch_size/--input_size '
+                             f'{tuple(own[k].shape)} here): pass the --model/--depth/--input_size '
                              'it was trained with')
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -235,9 +248,27 @@ def load_matching_state(module, state_dict, source, strict=True):
 # ({'model'}), or a bare timm ViT state dict.
 
 def size_of(model_name):
-    """'mae_vit_tiny_patch16' -> ('tiny', 16); any script's '<x>_vit_<size>_patch<p>' name works."""
+    """'mae_vit_tiny_patch4' -> ('tiny', 4); any script's '<x>_vit_<size>_patch<p>' name works, else (None, None).
+
+    The one model registry of the project: a --model name states the ViT size (VIT_SIZES) and the patch.
+    """
     m = re.search(r'vit_([a-z]+)_patch(\d+)', model_name or '')
     return (m.group(1), int(m.group(2))) if m and m.group(1) in VIT_SIZES else (None, None)
+
+
+def vit_arch(model_name, depth=None):
+    """--model (and --depth, fewer blocks at the same width for small studies) -> the encoder's
+    dict(patch_size, embed_dim, depth, num_heads)."""
+    size, patch = size_of(model_name)
+    if size is None:
+        raise InputError(f"--model '{model_name}' names no ViT size and patch: use <name>_vit_<size>_patch<p> with "
+                         f"size {'/'.join(VIT_SIZES)}, e.g. mae_vit_base_patch16 or mae_vit_tiny_patch4")
+    arch = dict(VIT_SIZES[size], patch_size=patch)
+    if depth is not None:
+        if depth < 1:
+            raise InputError(f'--depth {depth} < 1: give at least one encoder block, or omit it for the standard depth')
+        arch['depth'] = depth
+    return arch
 
 
 def read_architecture(state, recorded, num_heads_flag):
@@ -576,23 +607,24 @@ def adamw(model, args, device, betas=(0.9, 0.95)):
                              fused=device.type == 'cuda')
 
 
-def use_recipe(args, crop, wd_rule):
-    """Replace --crop / --wd_rule 'auto' by the values of the method's reference run (given by the script)."""
-    args.crop = crop if args.crop == 'auto' else args.crop
-    args.wd_rule = wd_rule if args.wd_rule == 'auto' else args.wd_rule
-
-
 class LossTracker:
     """Sums the loss on the device and remembers the first non-finite step, without host syncs.
 
-    Reading it (`mean()` / `check()`) synchronises, so the loop does that only at log points.
+    Reading it (`mean()` / `check()`) synchronises, so the loop does that only at log points. One
+    tracker serves a whole run: it knows the process (rank, world size) and `checkpoint`, the last
+    good checkpoint its NaN message names (main sets it after each save); `start()` empties it for
+    the next epoch.
     """
 
-    def __init__(self, device, names=('loss',)):
-        self.names = names
-        self.sums = torch.zeros(len(names), device=device, dtype=torch.float64)
+    def __init__(self, device, rank=0, world_size=1, names=('loss',), checkpoint=None):
+        self.device, self.rank, self.world_size, self.names = device, rank, world_size, names
+        self.checkpoint = checkpoint
+        self.start()
+
+    def start(self):
+        self.sums = torch.zeros(len(self.names), device=self.device, dtype=torch.float64)
         self.count = 0
-        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        self.first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
 
     def add(self, step, *values):
         v = torch.stack([x.detach().double() for x in values])
@@ -602,7 +634,7 @@ class LossTracker:
         self.sums += v
         self.count += 1
 
-    def check(self, last_checkpoint):
+    def check(self):
         """Raise if any rank saw a non-finite loss. Every rank calls this at the same steps, so one
         small all-reduce here lets all of them stop together instead of leaving the others hanging."""
         bad = self.first_bad
@@ -614,10 +646,12 @@ class LossTracker:
         bad = int(bad)
         if bad >= 0:
             raise NonFiniteLossError(
-                f'non-finite loss at step {bad}; nothing was saved after it ({last_checkpoint or "no checkpoint yet"} '
+                f'non-finite loss at step {bad}; nothing was saved after it ({self.checkpoint or "no checkpoint yet"} '
                 'is intact): lower --blr or raise --warmup_epochs, then --resume auto')
 
-    def mean(self, world_size):
+    def mean(self, world_size=None):
+        """-> {name: mean} over this epoch's steps of every rank (world_size=1: this rank only, no collective)."""
+        world_size = self.world_size if world_size is None else world_size
         sums = self.sums.clone()
         if world_size > 1:
             dist.all_reduce(sums)
@@ -692,22 +726,6 @@ def load_checkpoint(path, flag='--checkpoint'):
                          f'PyTorch checkpoint; point {flag} at another file') from None
 
 
-def script_of(args):
-    """Which script a set of args (a dict, e.g. a checkpoint's) belongs to; None if unsure.
-
-    Checkpoints record it as 'script'; for older ones the flags only one script has tell.
-    """
-    if 'layer_decay' in args:
-        return 'finetune.py'
-    if 'ema_momentum' in args:
-        return 'pilamim.py'
-    if 'lpf_radius' in args:
-        return 'pixmim_mff.py'
-    if 'mff_layers' in args and 'mask_ratio' in args:
-        return 'mae_mff.py'
-    return None
-
-
 def resume_path(args):
     """--resume auto -> <output_dir>/checkpoint-last.pth if present (else None = fresh start)."""
     if args.resume == 'auto':
@@ -716,8 +734,13 @@ def resume_path(args):
     return args.resume or None
 
 
-def resume(args, model, optimizer):
-    """Restore model and optimizer; returns (start_epoch, step, checkpoint or None)."""
+def resume(args, model, optimizer, script):
+    """Restore model and optimizer; returns (start_epoch, step, checkpoint or None).
+
+    Loads into the raw model, before torch.compile and DDP wrap it, so checkpoint keys never carry
+    '_orig_mod.' or 'module.' prefixes. `script`: the caller's file name; a checkpoint another script
+    recorded is refused with the command that continues it.
+    """
     path = resume_path(args)
     if path is None:
         return 0, 0, None
@@ -725,9 +748,8 @@ def resume(args, model, optimizer):
     if not {'model', 'optimizer', 'epoch', 'step'} <= set(ckpt):
         raise InputError(f'{path} is not a training checkpoint of these scripts (no model/optimizer/epoch/step '
                          'entries): evaluate it with probe.py, or start without --resume')
-    recorded = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
-    theirs, ours = ckpt.get('script') or script_of(recorded), script_of(vars(args))
-    if theirs and ours and theirs != ours:
+    theirs, ours = ckpt.get('script'), script
+    if theirs and theirs != ours:
         raise InputError(f'{path} was written by {theirs}, not {ours}: continue it with `python {theirs} '
                          f'--resume {path} --output_dir {os.path.dirname(path) or "."}` and the flags it was trained '
                          f'with, evaluate it with `python probe.py --checkpoint {path}`, or start {ours} without --resume')
@@ -740,6 +762,12 @@ def resume(args, model, optimizer):
     return ckpt['epoch'], ckpt['step'], ckpt
 
 
+def run_summary(args, model, num_images, eff_batch, start_epoch, step):
+    """The start-up line of a training script: model, data, batch, lr, and where the run starts."""
+    return (f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {num_images} images, '
+            f'effective batch {eff_batch}, lr {args.lr:.3g}, from epoch {start_epoch} (step {step}){warmup_note(args)}')
+
+
 def warmup_note(args):
     """' (...)' when the warmup outlasts the run, so the printed lr is never reached; else ''."""
     if args.warmup_epochs <= args.epochs:
@@ -748,50 +776,17 @@ def warmup_note(args):
             f'{args.lr * args.epochs / args.warmup_epochs:.3g}; lower --warmup_epochs to reach {args.lr:.3g})')
 
 
-def prepare_training(args, raw_model, dataset, rank, world_size, device, describe=''):
-    """Everything between building the model and the first epoch, in the order it must happen.
-
-    Resume loads into the raw model before torch.compile and DDP wrap it, so checkpoint keys never
-    carry '_orig_mod.' or 'module.' prefixes. -> (model to train, loader, sampler, optimizer,
-    start_epoch, step).
-    """
-    make_output_dir(args.output_dir)
-    check_mask_ratio(args.mask_ratio, raw_model.num_patches)
-    loader, sampler = make_loader(dataset, args.batch_size, rank, world_size, args.num_workers,
-                                  seed=args.seed, accum_iter=args.accum_iter)
-    eff_batch = scale_lr(args, world_size)
-    optimizer = adamw(raw_model, args, device)
-    start_epoch, step, ckpt = resume(args, raw_model, optimizer)
-    model = wrap_ddp(torch.compile(raw_model) if args.compile else raw_model, device, world_size)
-    if rank == 0:
-        remove_stale_temp_files(args.output_dir)
-        start_log(args, start_epoch if ckpt is not None else None)
-        print(f'{args.model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M params, '
-              f'{len(dataset)} images, effective batch {eff_batch}, lr {args.lr:.3g}, {describe}, '
-              f'from epoch {start_epoch} (step {step}){warmup_note(args)}', flush=True)
-        print(f'recipe: crop {args.crop}, weight decay {args.weight_decay} on the {args.wd_rule} groups '
-              f'(common.param_groups), norm_pix {"on" if args.norm_pix_loss else "off"}', flush=True)
-    return model, loader, sampler, optimizer, start_epoch, step
-
-
-def epochs(args, sampler, rank, start_epoch):
-    """The epochs still to train, each with its RNGs and data order set from (seed, epoch) alone."""
-    for epoch in range(start_epoch, args.epochs):
-        seed_epoch(args.seed, epoch, rank)
-        sampler.set_epoch(epoch)
-        yield epoch
-
-
-def save_training_state(args, model, optimizer, epoch, step, rank=0, **extra):
+def save_training_state(args, model, optimizer, epoch, step, rank, script, **extra):
     """checkpoint-last.pth every epoch; checkpoint-<epoch>.pth every --save_freq and at the end.
 
-    Rank 0 alone writes; every rank gets the path back (error messages name it).
+    The checkpoint records `script`, the writer's file name (analyze.py rebuilds the model from it,
+    resume() checks it). Rank 0 alone writes; every rank gets the path back (error messages name it).
     """
     last = os.path.join(args.output_dir, 'checkpoint-last.pth')
     if rank != 0:
         return last
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
-             'step': step, 'args': vars(args), 'script': script_of(vars(args)), **extra}
+             'step': step, 'args': vars(args), 'script': script, **extra}
     save_checkpoint(state, last)
     if epoch % args.save_freq == 0 or epoch == args.epochs:
         save_checkpoint(state, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
@@ -806,17 +801,17 @@ def progress(iterable, rank, **kw):
     return tqdm(iterable, disable=rank != 0 or not sys.stderr.isatty(), leave=False, **kw)
 
 
-def start_log(args, resumed_epoch=None):
-    """<output_dir>/log.jsonl and fusion_weights.jsonl hold one run: a fresh run (resumed_epoch None)
-    starts them empty; a resumed run keeps the lines up to the epoch it resumed from and appends, so a
-    plot never mixes runs."""
+def start_log(args, resumed_epoch=None, extra_logs=()):
+    """<output_dir>/log.jsonl (and the script's extra_logs, e.g. MFF's fusion_weights.jsonl, if present)
+    hold one run: a fresh run (resumed_epoch None) starts them empty; a resumed run keeps the lines up to
+    the epoch it resumed from and appends, so a plot never mixes runs."""
     def before_resume(line):
         try:
             return json.loads(line).get('epoch', 0) <= resumed_epoch
         except ValueError:                                               # a line cut short by a kill
             return False
 
-    for name in ('log.jsonl', 'fusion_weights.jsonl'):
+    for name in ('log.jsonl', *extra_logs):
         path = os.path.join(args.output_dir, name)
         kept = []
         if resumed_epoch is not None and os.path.isfile(path):
@@ -875,15 +870,15 @@ def add_common_args(parser):
     a('--print_freq', type=int, default=50, help='steps between loss syncs (NaN check, progress bar)')
 
 
-# Flags that are errors when negative or non-finite (if a script has them; None = left to the script).
+# Shared flags that are errors when negative or non-finite (if a script has them; None = left to the script).
 NON_NEGATIVE = ('lr', 'blr', 'min_lr', 'weight_decay', 'warmup_epochs', 'num_workers')
-AT_LEAST_ONE = ('epochs', 'accum_iter', 'save_freq', 'print_freq', 'knn_k')
-UNIT_INTERVAL = ('ema_momentum', 'ema_end')                              # momentum values
+AT_LEAST_ONE = ('epochs', 'accum_iter', 'save_freq', 'print_freq')
 
 
 def check_flags(args):
-    """One check of the shared numeric flags, before any work: a bad value is a one-line InputError."""
-    for name in NON_NEGATIVE + AT_LEAST_ONE + UNIT_INTERVAL + ('knn_t',):
+    """One check of the shared numeric flags, before any work: a bad value is a one-line InputError.
+    A script checks its own flags (PiLaMIM's momenta, probe.py's k-NN) where it resolves them."""
+    for name in NON_NEGATIVE + AT_LEAST_ONE:
         v = getattr(args, name, None)
         if v is None:
             continue
@@ -894,23 +889,29 @@ def check_flags(args):
         if name in AT_LEAST_ONE and v < 1:
             raise InputError(f'--{name} {v} < 1: pass at least 1' + (
                 ' (--epochs 0 would train nothing)' if name == 'epochs' else ''))
-        if name in UNIT_INTERVAL and not 0 <= v <= 1:
-            raise InputError(f'--{name} {v} is outside [0, 1]: EMA momentum is a fraction (0.996 -> 1 in the paper)')
-        if name == 'knn_t' and v <= 0:
-            raise InputError(f'--knn_t {v} must be positive: votes are weighted by exp(similarity / t)')
+
+
+def parse_args(parser, presets=None, argv=None):
+    """Parse flags; `--preset NAME` replaces argparse defaults by presets[NAME], and explicit flags win.
+
+    The one way a script's defaults change: argparse defaults are the reference recipe, a preset
+    (e.g. 'laptop') overrides some of them, and whatever a script resolves at start-up it resolves
+    in one visible function (resolve_recipe) that prints the outcome.
+    """
+    args, _ = parser.parse_known_args(argv)
+    if presets and getattr(args, 'preset', None):
+        parser.set_defaults(**presets[args.preset])
+    return parser.parse_args(argv)
 
 
 def run(main, parser, presets=None):
-    """Parse flags (a --preset supplies defaults that explicit flags override) and run main.
+    """Parse flags (parse_args: presets, then explicit flags) and run main.
 
     Flags and --output_dir are checked first. InputError / NonFiniteLossError / DiskFullError, and a
     full disk anywhere else (a log or result file), end the program with one line naming the problem
     and the fix, exit code 2.
     """
-    args, _ = parser.parse_known_args()
-    if presets and getattr(args, 'preset', None):
-        parser.set_defaults(**presets[args.preset])
-    args = parser.parse_args()
+    args = parse_args(parser, presets)
     finished = False
     try:
         check_flags(args)
@@ -951,24 +952,6 @@ def close_distributed():
 # ----------------------------------------------------------------------------------------------
 # Analysis: frequency, attention entropy, Hessian spectrum (used by analyze.py; MFF Figs. 1-2 and
 # 4-6, "Beyond [cls]" attention entropy). Method-agnostic: they see tokens, blocks and a loss.
-
-def log_fusion_weights(args, rank, model, epoch, step):
-    """Rank 0: append {'epoch' (fractional), 'step', 'levels', 'fusion_weights'} to
-    <output_dir>/fusion_weights.jsonl, the curve `analyze.py fusion` draws (MFF Figs. 1, 6, 8).
-
-    Call it only where the loop syncs anyway (every --print_freq steps): reading the weights is a
-    host sync. No-op without weighted fusion.
-    """
-    if rank != 0:
-        return
-    model = getattr(model, 'module', model)                              # DDP -> (compiled) model
-    model = getattr(model, '_orig_mod', model)                           # torch.compile -> raw model
-    weights = model.fusion_weights()                                     # shallow ... last, or None
-    if weights is not None:
-        with open(os.path.join(args.output_dir, 'fusion_weights.jsonl'), 'a') as f:
-            f.write(json.dumps({'epoch': round(epoch, 4), 'step': step, 'levels': model.mff_layers,
-                                'fusion_weights': weights}) + '\n')
-
 
 def relative_log_amplitude(tokens):
     """Patch tokens (N, L, C) of one layer, L = h*h -> (h // 2,) float32: the relative log amplitude.

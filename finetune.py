@@ -5,11 +5,14 @@ The whole encoder trains, with a fresh head on the average of the patch tokens; 
 argparse defaults. The model is timm's VisionTransformer(global_pool='avg'), so the fine-tuned weights
 load into timm unchanged.
 
-    python finetune.py --checkpoint output/mae_mff_laptop/checkpoint-last.pth          # built-in data, CPU
+    python finetune.py --preset laptop --checkpoint output/mae_mff_laptop/checkpoint-last.pth   # built-in data
     torchrun --nproc_per_node=8 finetune.py --checkpoint mae_pretrain_vit_base.pth --data_path /imagenet \\
         --batch_size 32 --accum_iter 4                                               # ViT-B: 83.6 from MAE 1600 ep
     python finetune.py --eval --checkpoint output/finetune/checkpoint-last.pth --data_path /imagenet \\
         --eval_path /imagenet-r                                                      # evaluation only
+
+Argparse defaults are the recipe; epochs, blr, layer decay and drop path follow the encoder's depth
+(RECIPES, filled in by resolve_recipe); `--preset laptop` is a few CPU minutes on the built-in data.
 
 Sections: model -> loss/mixup -> data (low-shot subsets, evaluation sets) -> loop -> CLI.
 """
@@ -28,10 +31,12 @@ from timm.optim import param_groups_layer_decay
 from torchvision import datasets
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, InputError, LayerNorm, LossTracker, accuracy,
-                    add_common_args, autocast, build_dataset, epochs, init_distributed, load_matching_state, load_rgb,
+                    add_common_args, autocast, build_dataset, init_distributed, load_matching_state, load_rgb,
                     log_epoch, lr_at, make_loader, make_output_dir, no_sync_unless, progress, read_encoder,
-                    remove_stale_temp_files, resume, resume_path, run, save_training_state, scale_lr, set_lr,
-                    size_of, start_log, topk_hits, wrap_ddp)
+                    remove_stale_temp_files, resume, resume_path, run, save_training_state, scale_lr, seed_epoch,
+                    set_lr, size_of, start_log, topk_hits, wrap_ddp)
+
+SCRIPT = os.path.basename(__file__)                  # recorded in its checkpoints (resume checks it)
 
 # ----------------------------------------------------------------------------------------------
 # Model: timm's ViT with a fresh head; the encoder weights come from the pre-training checkpoint.
@@ -183,13 +188,13 @@ def eval_sets(args, classes):
 # ----------------------------------------------------------------------------------------------
 # Loop.
 
-def train_one_epoch(model, loader, optimizer, mixup, criterion, device, epoch, step, args, rank, world_size,
-                    last_ckpt):
-    """One pass over this rank's shard; returns (global optimizer step, mean loss)."""
+def train_one_epoch(model, loader, optimizer, mixup, criterion, device, epoch, step, tracker, args):
+    """One pass over this rank's shard; returns (global optimizer step, mean loss).
+    tracker: the run's LossTracker (rank, world size, and the checkpoint a NaN message names)."""
     model.train()
-    tracker = LossTracker(device)
+    tracker.start()
     micro_steps = len(loader) // args.accum_iter * args.accum_iter      # drop a ragged accumulation tail
-    bar = progress(loader, rank, total=micro_steps, desc=f'epoch {epoch}')
+    bar = progress(loader, tracker.rank, total=micro_steps, desc=f'epoch {epoch}')
     for i, (imgs, y) in enumerate(bar):
         if i == micro_steps:
             break
@@ -211,10 +216,10 @@ def train_one_epoch(model, loader, optimizer, mixup, criterion, device, epoch, s
             step += 1
         tracker.add(step, loss)
         if (i + 1) % args.print_freq == 0:                               # the only host syncs
-            tracker.check(last_ckpt)
+            tracker.check()
             bar.set_postfix(loss=f"{tracker.mean(1)['loss']:.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
-    tracker.check(last_ckpt)
-    return step, tracker.mean(world_size)['loss']
+    tracker.check()
+    return step, tracker.mean()['loss']
 
 
 @torch.no_grad()
@@ -233,102 +238,114 @@ def evaluate(model, loader, device, world_size, num_classes, class_ids=None):
     return accuracy(hits, world_size, k)
 
 
-def resolve_defaults(args, arch):
-    """The recipe row of the model's depth unless flags override it; a quick setting on the built-in data."""
+def resolve_recipe(args, arch):
+    """The start-up resolution, in one place: epochs, blr, layer decay and drop path from the RECIPES row
+    of the encoder's depth, unless flags or --preset gave them (fine_tune prints them)."""
     row = RECIPES['huge' if arch['depth'] >= 32 else 'large' if arch['depth'] >= 24 else 'base']
-    builtin = not args.data_path
-    recipe = dict(row, warmup_epochs=5, batch_size=32, accum_iter=4, num_workers=10, crop_min=0.08,
-                  aa='rand-m9-mstd0.5-inc1', reprob=0.25, mixup=0.8, cutmix=1.0)
-    # A few hundred steps on 32 px shapes: a larger lr, less layer decay, no RandAugment/erasing/Mixup, larger crops.
-    quick = dict(epochs=5, warmup_epochs=1, blr=1e-2, layer_decay=0.9, batch_size=32, accum_iter=1, num_workers=0,
-                 builtin_size=1024, crop_min=0.35, aa='', reprob=0., mixup=0., cutmix=0.)
-    for k, v in (dict(recipe, **quick) if builtin else recipe).items():
-        if getattr(args, k, None) is None:
+    for k, v in row.items():
+        if getattr(args, k) is None:
             setattr(args, k, v)
 
 
-def main(args):
-    rank, world_size, device = init_distributed()
+def encoder_and_arch(args):
+    """-> (encoder state dict or None, architecture, whole checkpoint or {}). With --checkpoint the architecture
+    is read from its weights (--input_size: the checkpoint's unless given); without, the supervised baseline
+    from --model (default vit_base_patch16) at --input_size (default 224)."""
     if args.model and size_of(args.model)[0] is None:
         raise InputError(f"--model '{args.model}' names no ViT size: use e.g. vit_base_patch16, or omit it")
-    state, ckpt = None, {}
-    if args.checkpoint:                                                  # architecture from the weights
+    if args.checkpoint:
         state, arch, ckpt = read_encoder(args.checkpoint, args, check_input_size=False)
-        args.input_size = args.input_size or arch['img_size']
-    else:                                                                # supervised baseline from scratch
-        size, patch = size_of(args.model or ('vit_base_patch16' if args.data_path else 'vit_tiny_patch4'))
-        arch = dict(VIT_SIZES[size], patch_size=args.patch_size or patch, mlp_ratio=4.,
+    else:
+        size, patch = size_of(args.model or 'vit_base_patch16')
+        state, ckpt = None, {}
+        arch = dict(VIT_SIZES[size], patch_size=args.patch_size or patch, mlp_ratio=4., img_size=224,
                     num_heads=args.num_heads or VIT_SIZES[size]['num_heads'])
-        args.input_size = args.input_size or (224 if args.data_path else 32)
+    args.input_size = args.input_size or arch['img_size']
     arch['img_size'] = args.input_size
-    resolve_defaults(args, arch)
-    make_output_dir(args.output_dir)
-    val_set = build_dataset(args, 'val', eval_transform(args.input_size))
+    return state, arch, ckpt
+
+
+def classifier(args, state, arch, ckpt, classes):
+    """-> (timm classifier, pool). --eval: the fine-tuned checkpoint, loaded whole; else a fresh head on the
+    pre-trained encoder (or on random weights without --checkpoint)."""
     full = ckpt.get('model', ckpt) if isinstance(ckpt.get('model', ckpt), dict) else {}
-    trained = 'head.weight' in full                                      # a fine-tuned checkpoint
-    if args.eval and not trained:
-        raise InputError(f'--eval needs a fine-tuned checkpoint with a classifier head; {args.checkpoint or "none"} '
-                         'has none: fine-tune it first (drop --eval)')
-    classes = val_set.classes
-    if args.eval and ckpt.get('classes', classes) != classes:
-        raise InputError(f'{args.checkpoint} was fine-tuned on other classes than val/ of {args.data_path} holds: '
-                         'pass the --data_path it was fine-tuned on')
-    num_classes = len(classes)
+    if args.eval:
+        if 'head.weight' not in full:
+            raise InputError(f'--eval needs a fine-tuned checkpoint with a classifier head; {args.checkpoint or "none"} '
+                             'has none: fine-tune it first (drop --eval)')
+        if ckpt.get('classes', classes) != classes or full['head.weight'].shape[0] != len(classes):
+            raise InputError(f'{args.checkpoint} was fine-tuned on other classes ({full["head.weight"].shape[0]}) '
+                             f'than val/ of {args.data_path or "the built-in data"} holds ({len(classes)}): pass '
+                             'the --data_path it was fine-tuned on')
     cls_token = 'fc_norm.weight' not in full if args.eval else args.cls_token
     torch.manual_seed(args.seed)                                         # same init on every rank
-    raw_model = vit_classifier(arch, num_classes, args.drop_path, cls_token,
-                               qkv_bias=state is None or 'blocks.0.attn.qkv.bias' in state)
+    model = vit_classifier(arch, len(classes), args.drop_path, cls_token,
+                           qkv_bias=state is None or 'blocks.0.attn.qkv.bias' in state)
     if args.eval:
-        if full['head.weight'].shape[0] != num_classes:
-            raise InputError(f"{args.checkpoint} classifies {full['head.weight'].shape[0]} classes, the data has "
-                             f'{num_classes}: pass the --data_path it was fine-tuned on')
-        load_matching_state(raw_model, full, args.checkpoint)            # strict
+        load_matching_state(model, full, args.checkpoint)                # strict
     elif state is not None:
-        load_pretrained(raw_model, state, args.checkpoint, cls_token)
+        load_pretrained(model, state, args.checkpoint, cls_token)
+    return model, 'cls' if cls_token else 'avg'
+
+
+def fine_tune(args, raw_model, arch, pool, val_set, val_loader, rank, world_size, device):
+    """Set-up in order (data -> optimizer -> resume -> compile/DDP), then the epochs, each evaluated on val/
+    and checkpointed. -> (results to report, last top-1, last top-5)."""
+    classes = val_set.classes
+    train_set = build_dataset(args, 'train', train_transform(args))
+    if train_set.classes != classes:
+        raise InputError(f'train/ and val/ of {args.data_path} hold different classes: give both the same '
+                         'class folders')
+    train_set, (lo, hi) = low_shot(train_set, args)
+    mixup, criterion = mixup_and_loss(args, len(classes))
+    loader, sampler = make_loader(train_set, args.batch_size, rank, world_size, args.num_workers, seed=args.seed,
+                                  accum_iter=args.accum_iter)
+    eff_batch = scale_lr(args, world_size)
+    optimizer = layer_decay_optimizer(raw_model, args, device)
+    start_epoch, step, resumed = resume(args, raw_model, optimizer, SCRIPT)  # before compile/DDP wrap it
+    best = resumed.get('best_top1', 0.) if resumed else 0.
+    model = wrap_ddp(torch.compile(raw_model) if args.compile else raw_model, device, world_size)
+    if rank == 0:
+        remove_stale_temp_files(args.output_dir)
+        start_log(args, start_epoch if resumed else None)
+        print(f"{args.checkpoint or 'from scratch (supervised baseline, no --checkpoint)'}: ViT D={arch['embed_dim']} "
+              f"depth={arch['depth']} patch {arch['patch_size']} at {args.input_size}px, {pool} pool, "
+              f'{len(train_set)} train images ({lo}-{hi} per class) / {len(val_set)} val, {len(classes)} classes, '
+              f'effective batch {eff_batch}, lr {args.lr:.3g}, layer decay {args.layer_decay}, drop path '
+              f'{args.drop_path}, {args.epochs} epochs, from epoch {start_epoch}', flush=True)
+    tracker = LossTracker(device, rank, world_size, checkpoint=resume_path(args))
+    for epoch in range(start_epoch, args.epochs):                        # resume() refuses a finished run
+        seed_epoch(args.seed, epoch, rank)                               # RNGs and data order from (seed, epoch)
+        sampler.set_epoch(epoch)
+        step, loss = train_one_epoch(model, loader, optimizer, mixup, criterion, device, epoch, step, tracker, args)
+        top1, top5 = evaluate(raw_model, val_loader, device, world_size, len(classes))
+        best = max(best, top1)
+        tracker.checkpoint = save_training_state(args, raw_model, optimizer, epoch + 1, step, rank, SCRIPT,
+                                                 best_top1=best, classes=classes)
+        log_epoch(args, rank, {'epoch': epoch + 1, 'step': step, 'loss': loss, 'lr': optimizer.param_groups[-1]['lr'],
+                               'top1': round(top1, 2), 'top5': top5 and round(top5, 2)})
+    return dict(train_images=len(train_set), images_per_class=[lo, hi], best_top1=round(best, 2)), top1, top5
+
+
+def main(args):
+    """Fine-tune (with --eval: only evaluate), then report top-1 on val/ and on every --eval_path."""
+    rank, world_size, device = init_distributed()
+    make_output_dir(args.output_dir)
+    state, arch, ckpt = encoder_and_arch(args)
+    resolve_recipe(args, arch)
+    val_set = build_dataset(args, 'val', eval_transform(args.input_size))
+    num_classes = len(val_set.classes)
+    raw_model, pool = classifier(args, state, arch, ckpt, val_set.classes)
     raw_model.to(device)
     val_loader = make_loader(val_set, args.batch_size, rank, world_size, args.num_workers, train=False)[0]
-    extra_sets = eval_sets(args, classes)
+    extra_sets = eval_sets(args, val_set.classes)
     result = {'checkpoint': args.checkpoint or None, 'data': args.data_path or f'builtin:{args.builtin_label}',
-              'num_classes': num_classes, 'pool': 'cls' if cls_token else 'avg'}
-
-    if not args.eval:
-        train_set = build_dataset(args, 'train', train_transform(args))
-        if train_set.classes != val_set.classes:
-            raise InputError(f'train/ and val/ of {args.data_path} hold different classes: give both the same '
-                             'class folders')
-        train_set, (lo, hi) = low_shot(train_set, args)
-        mixup, criterion = mixup_and_loss(args, num_classes)
-        loader, sampler = make_loader(train_set, args.batch_size, rank, world_size, args.num_workers, seed=args.seed,
-                                      accum_iter=args.accum_iter)
-        eff_batch = scale_lr(args, world_size)
-        optimizer = layer_decay_optimizer(raw_model, args, device)
-        start_epoch, step, resumed = resume(args, raw_model, optimizer)  # into the raw model, before compile/DDP
-        best = resumed.get('best_top1', 0.) if resumed else 0.
-        model = wrap_ddp(torch.compile(raw_model) if args.compile else raw_model, device, world_size)
-        if rank == 0:
-            remove_stale_temp_files(args.output_dir)
-            start_log(args, start_epoch if resumed else None)
-            print(f"{args.checkpoint or 'from scratch (supervised baseline, no --checkpoint)'}: ViT D={arch['embed_dim']} "
-                  f"depth={arch['depth']} patch {arch['patch_size']} at {args.input_size}px, {result['pool']} pool, "
-                  f'{len(train_set)} train images ({lo}-{hi} per class) / {len(val_set)} val, {num_classes} classes, '
-                  f'effective batch {eff_batch}, lr {args.lr:.3g}, layer decay {args.layer_decay}, drop path '
-                  f'{args.drop_path}, {args.epochs} epochs, from epoch {start_epoch}', flush=True)
-        last_ckpt, top1, top5 = resume_path(args), None, None
-        for epoch in epochs(args, sampler, rank, start_epoch):
-            step, loss = train_one_epoch(model, loader, optimizer, mixup, criterion, device, epoch, step, args, rank,
-                                         world_size, last_ckpt)
-            top1, top5 = evaluate(raw_model, val_loader, device, world_size, num_classes)
-            best = max(best, top1)
-            last_ckpt = save_training_state(args, raw_model, optimizer, epoch + 1, step, rank, best_top1=best,
-                                            classes=classes)
-            log_epoch(args, rank, {'epoch': epoch + 1, 'step': step, 'loss': loss,
-                                   'lr': optimizer.param_groups[-1]['lr'], 'top1': round(top1, 2),
-                                   'top5': top5 and round(top5, 2)})
-        if top1 is None:                                                 # resumed a finished run
-            top1, top5 = evaluate(raw_model, val_loader, device, world_size, num_classes)
-        result.update(train_images=len(train_set), images_per_class=[lo, hi], best_top1=round(best, 2))
-    else:
+              'num_classes': num_classes, 'pool': pool}
+    if args.eval:
         top1, top5 = evaluate(raw_model, val_loader, device, world_size, num_classes)
+    else:
+        trained, top1, top5 = fine_tune(args, raw_model, arch, pool, val_set, val_loader, rank, world_size, device)
+        result.update(trained)
     result.update(top1=round(top1, 2), top5=top5 and round(top5, 2), eval_path={})
     for path, ds, ids in extra_sets:
         loader = make_loader(ds, args.batch_size, rank, world_size, args.num_workers, train=False)[0]
@@ -346,16 +363,17 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=(
         'Defaults by model depth (MAE FINETUNE.md): ViT-B (and smaller) 100 epochs, blr 5e-4, layer decay 0.65, '
         'drop path 0.1; ViT-L 50 / 1e-3 / 0.75 / 0.2; ViT-H 50 / 1e-3 / 0.75 / 0.3; 5 warmup epochs, batch 32 x '
-        'accum 4 per GPU (x 8 GPUs = 1024), RandAugment, erasing 0.25, Mixup 0.8 / CutMix 1.0. Built-in data (no '
-        '--data_path), a few CPU minutes: 1024 images, 5 epochs, 1 warmup, blr 1e-2, layer decay 0.9, batch 32, '
+        'accum 4 per GPU (x 8 GPUs = 1024), RandAugment, erasing 0.25, Mixup 0.8 / CutMix 1.0. --preset laptop '
+        '(built-in data, a few CPU minutes): 1024 images, 5 epochs, 1 warmup, blr 1e-2, layer decay 0.9, batch 32, '
         'crops >= 0.35, no RandAugment/erasing/Mixup/CutMix, no loader workers. Explicit flags win.'))
     a = p.add_argument
+    a('--preset', choices=sorted(PRESETS), help='laptop: built-in data on a CPU, a few minutes (see below)')
     a('--checkpoint', default='', help='pre-training checkpoint (ours, official MAE, timm state dict); none = '
       'train from scratch, the supervised baseline. With --eval: a fine-tuned checkpoint')
-    a('--model', default='', help='from scratch: the ViT, e.g. vit_base_patch16 (default; vit_tiny_patch4 on '
-      'built-in data); with --checkpoint only a check (the architecture is read from the weights)')
-    a('--input_size', type=int, default=None, help="default: the checkpoint's; another size resizes the position "
-      'embedding (bicubic)')
+    a('--model', default='', help='from scratch: the ViT, e.g. vit_base_patch16 (default) or vit_tiny_patch4 for '
+      'the built-in data; with --checkpoint only a check (the architecture is read from the weights)')
+    a('--input_size', type=int, default=None, help="default: the checkpoint's (224 from scratch); another size "
+      'resizes the position embedding (bicubic)')
     a('--patch_size', type=int, default=None, help='from scratch: overrides the name; else only a check')
     a('--num_heads', type=int, default=None, help='needed only for weights of a non-standard width')
     a('--cls_token', action='store_true', help='classify the [cls] token after the final norm instead of the '
@@ -364,12 +382,12 @@ def get_args_parser():
     a('--drop_path', type=float, default=None, help='stochastic depth rate (0.1 ViT-B, 0.2 ViT-L, 0.3 ViT-H)')
     a('--clip_grad', type=float, default=None, help='clip the gradient norm (off in the MAE recipe; try 1.0 if '
       'the loss spikes)')
-    a('--crop_min', type=float, default=None, help='smallest RandomResizedCrop area (0.08 in the recipe; 0.35 on '
-      'built-in data, whose 32 px images hold 1-4 small objects a smaller crop often misses)')
-    a('--aa', default=None, help="timm RandAugment policy (rand-m9-mstd0.5-inc1); '' = off")
-    a('--reprob', type=float, default=None, help='random erasing probability (0.25; pixel mode, one box)')
-    a('--mixup', type=float, default=None, help='mixup alpha (0.8; 0 = off); Mixup/CutMix need an even --batch_size')
-    a('--cutmix', type=float, default=None, help='cutmix alpha (1.0; 0 = off)')
+    a('--crop_min', type=float, default=0.08, help='smallest RandomResizedCrop area (0.35 in --preset laptop: '
+      'the built-in 32 px images hold 1-4 small objects a smaller crop often misses)')
+    a('--aa', default='rand-m9-mstd0.5-inc1', help="timm RandAugment policy; '' = off")
+    a('--reprob', type=float, default=0.25, help='random erasing probability (pixel mode, one box)')
+    a('--mixup', type=float, default=0.8, help='mixup alpha (0 = off); Mixup/CutMix need an even --batch_size')
+    a('--cutmix', type=float, default=1.0, help='cutmix alpha (0 = off)')
     a('--smoothing', type=float, default=0.1, help='label smoothing (inside Mixup when it is on)')
     a('--train_fraction', type=float, default=None, help='low-shot: fine-tune on this class-stratified fraction '
       'of train/ (0.01, 0.1), chosen from --seed alone')
@@ -378,10 +396,15 @@ def get_args_parser():
     a('--eval_path', action='append', default=[], help='also report top-1 on this ImageNet-style folder whose '
       'classes are a subset of the training classes, e.g. ImageNet-A/-R (200 classes); repeatable')
     add_common_args(p)
-    p.set_defaults(batch_size=None, accum_iter=None, epochs=None, warmup_epochs=None, blr=None, min_lr=1e-6,
-                   builtin_size=None, num_workers=None, save_freq=10, output_dir='./output/finetune')
+    # MAE's recipe; epochs and blr (None) come from the RECIPES row of the encoder's depth (resolve_recipe).
+    p.set_defaults(batch_size=32, accum_iter=4, epochs=None, warmup_epochs=5, blr=None, min_lr=1e-6,
+                   num_workers=10, save_freq=10, output_dir='./output/finetune')
     return p
 
 
+# A few hundred steps on 32 px shapes: a larger lr, less layer decay, no RandAugment/erasing/Mixup, larger crops.
+PRESETS = {'laptop': dict(epochs=5, warmup_epochs=1, blr=1e-2, layer_decay=0.9, batch_size=32, accum_iter=1,
+                          num_workers=0, builtin_size=1024, crop_min=0.35, aa='', reprob=0., mixup=0., cutmix=0.)}
+
 if __name__ == '__main__':
-    run(main, get_args_parser())
+    run(main, get_args_parser(), PRESETS)

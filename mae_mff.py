@@ -5,26 +5,43 @@ low-level detail. MFF also feeds projected outputs of shallow blocks to the deco
 
     O = sum_i w_i * P_i(x_i) + w_last * x_last,   w = softmax(fusion logits)   (Eq. 4)
 
-and the encoder's final LayerNorm is applied to O. With mff_layers=() this file is plain MAE and
-loads the official MAE checkpoints with strict=True. The defaults reproduce the run behind each
-method's published numbers (`resolve_recipe`, printed at start-up): MFF-MAE = mmpretrain's MFF config
-(PixMIM's simple crop, mmpretrain's weight-decay groups, fusion logits decayed); `--mff_layers none`
-= official MAE (RandomResizedCrop(0.2, 1), MAE's groups: cls and mask tokens decayed).
+and the encoder's final LayerNorm is applied to O. --model names MAE's architecture as the official
+code does (mae_vit_base_patch16: ViT-B/16 with the 512-wide, 8-block decoder); MFF is --mff_layers,
+'paper' by default because this script's reference run is MFF-MAE; `--mff_layers none` is plain MAE,
+whose state dict is the official one (official MAE checkpoints load with strict=True).
 
-    python mae_mff.py --preset laptop                          # built-in data, CPU, ~3 minutes
+Paper -> code:
+    Eq. 2  x_i, raw residual stream after block i     ViTEncoder.forward_blocks (common.py)
+    Eq. 3  P_i(x_i), one projection per shallow level  MultiLevelFusion.proj, MultiLevelFusion.forward
+    Eq. 4  softmax-weighted sum, then the final norm   MultiLevelFusion.weights / forward, forward_encoder
+    Eq. 5  attention over levels (ablation)            MultiLevelFusion(fusion='attn')
+    A.8    detached shallow levels (ablation)          MultiLevelFusion(detach_shallow=True)
+    MAE    masking; masked-patch MSE, norm_pix         common.random_masking; forward_loss (common.masked_mse)
+Defaults = the reference run behind the published numbers (resolve_recipe, printed at start-up):
+MFF-MAE = mmpretrain's MFF config (PixMIM's simple crop, mmpretrain's weight-decay groups, fusion
+logits decayed); `--mff_layers none` = official MAE (RandomResizedCrop(0.2, 1), MAE's groups: cls and
+mask tokens decayed). Departures from the reference code: the fusion logits are a 1-D tensor
+(mmpretrain: (levels, 1, 1, 1)); bf16 autocast without a grad scaler instead of fp16 AMP; every RNG
+re-seeded per epoch from (seed, epoch, rank) (common.seed_epoch), so a resumed run is bit-identical.
+
+    python mae_mff.py --preset laptop                          # built-in data, CPU, ~2 minutes
     torchrun --nproc_per_node=8 mae_mff.py --epochs 300 --data_path /imagenet
 """
 import argparse
+import json
+import os
 import time
 
 import torch
 import torch.nn as nn
 
-from common import (WD_RULES, Block, InputError, LayerNorm, LossTracker, VIT_SIZES, ViTEncoder, add_common_args,
-                    autocast, build_dataset, epochs, init_distributed, init_weights, log_epoch, log_fusion_weights,
-                    lr_at, masked_mse, no_sync_unless, patchify, pixel_targets, prepare_training, progress,
-                    random_masking, restore_order, resume_path, run, save_training_state, set_lr, sincos_pos_embed_2d,
-                    train_transform, unpatchify, use_recipe)
+from common import (WD_RULES, Block, InputError, LayerNorm, LossTracker, ViTEncoder, adamw, add_common_args,
+                    autocast, build_dataset, check_mask_ratio, init_distributed, init_weights, log_epoch, lr_at,
+                    make_loader, make_output_dir, masked_mse, no_sync_unless, pixel_targets, progress, random_masking,
+                    remove_stale_temp_files, restore_order, resume, resume_path, run, run_summary, save_training_state,
+                    scale_lr, seed_epoch, set_lr, sincos_pos_embed_2d, start_log, train_transform, vit_arch, wrap_ddp)
+
+SCRIPT = os.path.basename(__file__)                  # recorded in every checkpoint: analyze.py rebuilds from it
 
 
 def paper_mff_layers(depth):
@@ -82,14 +99,17 @@ class MultiLevelFusion(nn.Module):
 
 
 class MaskedAutoencoder(ViTEncoder):
-    """MAE (official constructor keywords and state-dict names) with optional MFF before the decoder."""
+    """MAE (official constructor keywords and state-dict names) with optional MFF before the decoder.
+
+    Meets the pre-training contract of common.py: forward -> (loss, pred, mask), reconstruction_target.
+    """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.,
                  norm_pix_loss=False, mff_layers=(), mff_proj='linear', mff_fusion='weighted',
                  mff_detach=False):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio)
-        self.in_chans, self.norm_pix_loss = in_chans, norm_pix_loss
+        self.norm_pix_loss = norm_pix_loss
         self.mff = (MultiLevelFusion(embed_dim, mff_layers, depth, num_heads, mff_proj, mff_fusion, mff_detach)
                     if len(mff_layers) else None)
         self.mff_layers = self.mff.layers if self.mff is not None else []
@@ -107,12 +127,6 @@ class MaskedAutoencoder(ViTEncoder):
         for m in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
             m.apply(init_weights)
         nn.init.normal_(self.mask_token, std=.02)
-
-    def patchify(self, imgs):
-        return patchify(imgs, self.patch_size)
-
-    def unpatchify(self, x):
-        return unpatchify(x, self.patch_size, channels=self.in_chans)
 
     def fusion_weights(self):
         return self.mff.logged_weights() if self.mff is not None else None
@@ -137,48 +151,20 @@ class MaskedAutoencoder(ViTEncoder):
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]           # drop cls
 
+    def reconstruction_target(self, imgs):
+        """The image the decoder reconstructs: MAE's is the input itself (PixMIM overrides this)."""
+        return imgs
+
     def forward_loss(self, imgs, pred, mask):
         """MSE on masked patches only; with norm_pix_loss each target patch is standardised."""
-        return masked_mse(pred, pixel_targets(imgs, self.patch_size, self.norm_pix_loss), mask)
+        target = pixel_targets(self.reconstruction_target(imgs), self.patch_size, self.norm_pix_loss)
+        return masked_mse(pred, target, mask)
 
-    def forward(self, imgs, mask_ratio=0.75, target_imgs=None, noise=None):
-        """-> (loss, pred, mask). target_imgs replaces imgs as the reconstruction target (PixMIM)."""
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        """imgs (N, C, H, W) normalised -> (loss, pred (N, L, p*p*C), mask (N, L)); noise (N, L) fixes the mask."""
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
-        loss = self.forward_loss(imgs if target_imgs is None else target_imgs, pred, mask)
-        return loss, pred, mask
-
-
-def mae_vit(size, patch_size=16, **kwargs):
-    """MaskedAutoencoder of a standard ViT size with the MAE decoder (512 wide, 8 deep, 16 heads);
-    MFF on the paper's levels for that depth unless mff_layers is given (() = plain MAE)."""
-    arch = {**VIT_SIZES[size], **{k: kwargs.pop(k) for k in ('depth',) if k in kwargs}}
-    kwargs.setdefault('mff_layers', paper_mff_layers(arch['depth']))
-    return MaskedAutoencoder(patch_size=patch_size, **arch, **kwargs)
-
-
-def mae_vit_tiny_patch16(**kwargs):
-    return mae_vit('tiny', 16, **kwargs)
-
-
-def mae_vit_small_patch16(**kwargs):
-    return mae_vit('small', 16, **kwargs)
-
-
-def mae_vit_base_patch16(**kwargs):
-    return mae_vit('base', 16, **kwargs)
-
-
-def mae_vit_large_patch16(**kwargs):
-    return mae_vit('large', 16, **kwargs)
-
-
-def mae_vit_huge_patch14(**kwargs):
-    return mae_vit('huge', 14, **kwargs)
-
-
-# --model names: every size with patch 14 or 16 (--patch_size overrides the name's patch).
-MODELS = {f'mae_vit_{size}_patch{p}': (size, p) for size in VIT_SIZES for p in (14, 16)}
+        return self.forward_loss(imgs, pred, mask), pred, mask
 
 
 def parse_mff_layers(spec, depth):
@@ -194,37 +180,44 @@ def parse_mff_layers(spec, depth):
                          'list of block indices like 0,2,4,6,8,11') from None
 
 
-def encoder_depth(args, size):
-    """--depth if given (small studies: fewer blocks, same width), else the size's standard depth."""
-    depth = getattr(args, 'depth', None) or VIT_SIZES[size]['depth']
-    if depth < 1:
-        raise InputError(f'--depth {depth} < 1: give at least one encoder block, or omit it for the standard depth')
-    return depth
-
-
 def build_model(args):
-    """MaskedAutoencoder from the command line (factory name + overrides)."""
-    if args.model not in MODELS:
-        raise InputError(f"unknown --model '{args.model}': choose one of {', '.join(MODELS)}")
-    size, patch = MODELS[args.model]
-    depth = encoder_depth(args, size)
-    layers = parse_mff_layers(args.mff_layers, depth)
-    return mae_vit(
-        size, args.patch_size or patch, img_size=args.input_size, depth=depth,
-        decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
-        decoder_num_heads=args.decoder_num_heads, norm_pix_loss=args.norm_pix_loss,
-        mff_layers=layers, mff_proj=args.mff_proj, mff_fusion=args.mff_fusion, mff_detach=args.mff_detach)
+    """MaskedAutoencoder from the command line: --model (ViT size and patch), --depth, decoder and MFF flags."""
+    arch = vit_arch(args.model, args.depth)
+    return MaskedAutoencoder(
+        img_size=args.input_size, **arch, decoder_embed_dim=args.decoder_embed_dim,
+        decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads, norm_pix_loss=args.norm_pix_loss,
+        mff_layers=parse_mff_layers(args.mff_layers, arch['depth']), mff_proj=args.mff_proj,
+        mff_fusion=args.mff_fusion, mff_detach=args.mff_detach)
 
 
 # ----------------------------------------------------------------------------------------------
 # Training loop
 
-def train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank, world_size, last_ckpt):
-    """One pass over this rank's shard; returns (global optimizer step, mean loss, images/s)."""
+FUSION_LOG = 'fusion_weights.jsonl'                  # the curve `analyze.py fusion` draws
+
+
+def log_fusion_weights(args, rank, model, epoch, step):
+    """Rank 0: append {'epoch' (fractional), 'step', 'levels', 'fusion_weights'} to <output_dir>/FUSION_LOG
+    (MFF Figs. 1, 6, 8). Call it only where the loop syncs anyway: reading the weights is a host sync.
+    No-op without weighted fusion."""
+    model = getattr(model, 'module', model)                              # DDP -> (compiled) model
+    model = getattr(model, '_orig_mod', model)                           # torch.compile -> raw model
+    weights = model.fusion_weights()                                     # shallow ... last, or None
+    if rank == 0 and weights is not None:
+        with open(os.path.join(args.output_dir, FUSION_LOG), 'a') as f:
+            f.write(json.dumps({'epoch': round(epoch, 4), 'step': step, 'levels': model.mff_layers,
+                                'fusion_weights': weights}) + '\n')
+
+
+def train_one_epoch(model, loader, optimizer, device, epoch, step, tracker, args):
+    """One pass over this rank's shard; returns (global optimizer step, mean loss, images/s).
+
+    tracker: the run's LossTracker (it knows rank, world size and the checkpoint a NaN message names).
+    """
     model.train()
-    tracker = LossTracker(device)
+    tracker.start()
     micro_steps = len(loader) // args.accum_iter * args.accum_iter      # drop a ragged accumulation tail
-    bar = progress(loader, rank, total=micro_steps, desc=f'epoch {epoch}')
+    bar = progress(loader, tracker.rank, total=micro_steps, desc=f'epoch {epoch}')
     start = time.time()
     for i, (imgs, _) in enumerate(bar):
         if i == micro_steps:
@@ -243,50 +236,69 @@ def train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank, w
             step += 1
         tracker.add(step, loss)
         if (i + 1) % args.print_freq == 0:                               # the only host syncs
-            tracker.check(last_ckpt)
-            log_fusion_weights(args, rank, model, epoch + (i + 1) / micro_steps, step)
+            tracker.check()
+            log_fusion_weights(args, tracker.rank, model, epoch + (i + 1) / micro_steps, step)
             bar.set_postfix(loss=f"{tracker.mean(1)['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-    tracker.check(last_ckpt)
-    images = micro_steps * args.batch_size * world_size
-    return step, tracker.mean(world_size)['loss'], images / (time.time() - start)
+    tracker.check()
+    images = micro_steps * args.batch_size * tracker.world_size
+    return step, tracker.mean()['loss'], images / (time.time() - start)
 
 
 def resolve_recipe(args):
-    """'auto' flags -> the reference run behind the published numbers: MFF-MAE = mmpretrain's MFF config
-    (simple crop, mmpretrain's weight-decay groups); plain MAE = official MAE (RandomResizedCrop, MAE's groups)."""
+    """The start-up resolution, in one place: --crop / --wd_rule 'auto' -> the reference run behind the
+    published numbers: MFF-MAE = mmpretrain's MFF config (simple crop, mmpretrain's weight-decay groups);
+    plain MAE = official MAE (RandomResizedCrop, MAE's groups). -> the recipe line main prints."""
     mff = args.mff_layers != 'none'
-    use_recipe(args, crop='simple' if mff else 'rrc', wd_rule='mmpretrain' if mff else 'mae')
-    return 'MFF-MAE as mmpretrain' if mff else 'MAE as the official code'
+    if args.crop == 'auto':
+        args.crop = 'simple' if mff else 'rrc'
+    if args.wd_rule == 'auto':
+        args.wd_rule = 'mmpretrain' if mff else 'mae'
+    return (f'{"MFF-MAE as mmpretrain" if mff else "MAE as the official code"}: crop {args.crop}, weight decay '
+            f'{args.weight_decay} on the {args.wd_rule} groups (common.param_groups), norm_pix '
+            f'{"on" if args.norm_pix_loss else "off"}, mff_layers {args.mff_layers}')
 
 
 def main(args):
-    """Data, model, optimiser, resume, then epochs with a checkpoint and a log line after each."""
+    """Set-up in order (data -> model -> optimizer -> resume -> compile/DDP), then the epochs, each
+    ending in a checkpoint and a log line."""
     rank, world_size, device = init_distributed()
-    reference = resolve_recipe(args)
+    make_output_dir(args.output_dir)
+    recipe = resolve_recipe(args)
+    dataset = build_dataset(args, 'train', train_transform(args.input_size, args.crop))
+    loader, sampler = make_loader(dataset, args.batch_size, rank, world_size, args.num_workers, seed=args.seed,
+                                  accum_iter=args.accum_iter)
     torch.manual_seed(args.seed)                                         # same init on every rank
     raw_model = build_model(args).to(device)
-    dataset = build_dataset(args, 'train', train_transform(args.input_size, args.crop))
-    model, loader, sampler, optimizer, start_epoch, step = prepare_training(
-        args, raw_model, dataset, rank, world_size, device,
-        f'{reference}, mff_layers {raw_model.mff_layers or "off"}')
-    last_ckpt = resume_path(args)                                        # named if the loss goes bad
-    for epoch in epochs(args, sampler, rank, start_epoch):
-        step, loss, speed = train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank,
-                                            world_size, last_ckpt)
-        last_ckpt = save_training_state(args, raw_model, optimizer, epoch + 1, step, rank)  # rank 0 writes
+    check_mask_ratio(args.mask_ratio, raw_model.num_patches)
+    eff_batch = scale_lr(args, world_size)                               # lr = blr x effective batch / 256
+    optimizer = adamw(raw_model, args, device)                           # the --wd_rule groups
+    start_epoch, step, resumed = resume(args, raw_model, optimizer, SCRIPT)   # before compile/DDP wrap it
+    model = wrap_ddp(torch.compile(raw_model) if args.compile else raw_model, device, world_size)
+    if rank == 0:
+        remove_stale_temp_files(args.output_dir)                         # left by a kill mid-write
+        start_log(args, start_epoch if resumed else None, extra_logs=[FUSION_LOG])
+        print(f'{run_summary(args, raw_model, len(dataset), eff_batch, start_epoch, step)}\nrecipe: {recipe}',
+              flush=True)
+    tracker = LossTracker(device, rank, world_size, checkpoint=resume_path(args))
+    for epoch in range(start_epoch, args.epochs):
+        seed_epoch(args.seed, epoch, rank)                               # RNGs and data order from (seed, epoch)
+        sampler.set_epoch(epoch)
+        step, loss, speed = train_one_epoch(model, loader, optimizer, device, epoch, step, tracker, args)
+        tracker.checkpoint = save_training_state(args, raw_model, optimizer, epoch + 1, step, rank, SCRIPT)
         log_epoch(args, rank, {'epoch': epoch + 1, 'step': step, 'loss': loss,
                                'lr': optimizer.param_groups[0]['lr'], 'images_per_s': round(speed, 1),
                                'fusion_weights': raw_model.fusion_weights()})
     return raw_model
 
 
-def get_args_parser(description=__doc__.split('\n')[0]):
-    p = argparse.ArgumentParser(description=description)
+def get_args_parser():
+    """Argparse defaults = the reference recipe (MFF-MAE, ViT-B/16); --preset overrides some of them."""
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     a = p.add_argument
-    a('--preset', choices=sorted(PRESETS), help='laptop: tiny ViT, 32 px, built-in data, ~3 min on 2 CPU cores')
-    a('--model', default='mae_vit_base_patch16', help=f"one of {', '.join(MODELS)}")
+    a('--preset', choices=sorted(PRESETS), help='laptop: ViT-tiny/4, 32 px, built-in data, ~2 min on 2 CPU cores')
+    a('--model', default='mae_vit_base_patch16',
+      help='<name>_vit_<size>_patch<p>: ViT size (tiny, small, base, large, huge) and patch, with the MAE decoder')
     a('--input_size', type=int, default=224)
-    a('--patch_size', type=int, default=None, help="overrides the model name's patch size")
     a('--depth', type=int, default=None, help="encoder blocks; overrides the model size's depth (small studies)")
     a('--mask_ratio', type=float, default=0.75, help='fraction of patches removed')
     a('--norm_pix_loss', action=argparse.BooleanOptionalAction, default=True,
@@ -301,11 +313,11 @@ def get_args_parser(description=__doc__.split('\n')[0]):
     a('--mff_detach', action='store_true', help='no gradient into shallow blocks through the fusion (A.8)')
     a('--crop', default='auto', choices=['auto', 'rrc', 'simple'],
       help="rrc: RandomResizedCrop(0.2, 1), bicubic, as MAE; simple: PixMIM's bilinear resize + padded random "
-           "crop. auto: the method's reference (MFF-MAE, PixMIM: simple; MAE, PiLaMIM: rrc)")
+           "crop. auto: the reference of the run (MFF-MAE: simple; plain MAE: rrc)")
     a('--wd_rule', default='auto', choices=['auto', *WD_RULES],
       help="which parameters get weight decay (common.param_groups): mae = all but 1-D and biases; "
            "mmpretrain = all but norms, biases, pos_embed, mask/cls tokens; all = every one. "
-           "auto: the method's reference (MAE: mae; MFF-MAE, PixMIM: mmpretrain; PiLaMIM: all)")
+           "auto: the reference of the run (MFF-MAE: mmpretrain; plain MAE: mae)")
     add_common_args(p)
     # Paper recipe: 128 per GPU x 4 accumulation x 8 GPUs = 4096 images per step.
     p.set_defaults(batch_size=128, accum_iter=4)
@@ -313,10 +325,9 @@ def get_args_parser(description=__doc__.split('\n')[0]):
 
 
 PRESETS = {
-    'laptop': dict(model='mae_vit_tiny_patch16', input_size=32, patch_size=4, decoder_embed_dim=128,
-                   decoder_depth=2, decoder_num_heads=4, batch_size=128, accum_iter=1, epochs=5,
-                   warmup_epochs=1, blr=1.5e-3, builtin_size=4096, num_workers=1, save_freq=4,
-                   output_dir='./output/mae_mff_laptop', print_freq=8),
+    'laptop': dict(model='mae_vit_tiny_patch4', input_size=32, decoder_embed_dim=128, decoder_depth=2,
+                   decoder_num_heads=4, batch_size=128, accum_iter=1, epochs=5, warmup_epochs=1, blr=1.5e-3,
+                   builtin_size=4096, num_workers=1, save_freq=4, output_dir='./output/mae_mff_laptop', print_freq=8),
 }
 
 if __name__ == '__main__':

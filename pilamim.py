@@ -7,32 +7,41 @@ computes from the whole image, [cls] included (I-JEPA-like target):
     L = L_pixel + L_latent + L_cls                                          (Eq. 4-5)
     theta_t <- m theta_t + (1 - m) theta_c,  m: 0.996 -> 1 linearly per step  (EMA)
 
+Paper -> code:
+    Eq. 4-5 L = L_pixel + L_latent + L_cls   PiLaMIM.forward (common.masked_mse; latent targets from
+                                             PiLaMIM.target_features, the EMA encoder on all patches)
+    EMA update and its momentum schedule    PiLaMIM.update_target, momentum_at
+    pixel and latent decoders               Decoder
+This file needs common.py alone.
 Unlike the public code, the targets stay in the original patch order (its target pass shuffles
 them), and the target encoder starts as a copy of the context encoder (as the paper says).
 Followed from the public code although the paper does not state it: no qkv bias, learned decoder
 position embeddings without a cls position, no norm before the decoder heads, weight decay on
 every parameter (`--wd_rule all`), the per-epoch schedule (`--lr_schedule epoch`). Kept from the
 MAE frame for interoperability: the encoders' fixed sin-cos position table with a cls row and
-LayerNorm eps 1e-6 (timm's ViT; the README says why).
-The context encoder keeps the top-level timm names (probe.py loads it); the target encoder is
-under `target_encoder.`, the decoders under `pixel_decoder.` and `latent_decoder.`.
+LayerNorm eps 1e-6 (timm's ViT). The context encoder keeps the top-level timm names (probe.py
+loads it); the target encoder is under `target_encoder.`, the decoders under `pixel_decoder.` and
+`latent_decoder.`.
 
     python pilamim.py --preset laptop                             # built-in data, CPU, ~5 minutes
     torchrun --nproc_per_node=8 pilamim.py --epochs 800 --data_path /imagenet
 """
+import argparse
 import math
+import os
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Block, InputError, LayerNorm, LossTracker, VIT_SIZES, ViTEncoder, autocast, build_dataset,
-                    encoder_state_dict, epochs, init_distributed, init_weights, log_epoch, log_fusion_weights, lr_at,
-                    masked_mse, no_sync_unless, pixel_targets, prepare_training, progress, random_masking,
-                    restore_order, resume_path, run, save_training_state, set_lr, train_transform, use_recipe)
-from mae_mff import MODELS, MultiLevelFusion, encoder_depth, parse_mff_layers
-from mae_mff import get_args_parser as mae_args_parser
+from common import (WD_RULES, Block, InputError, LayerNorm, LossTracker, ViTEncoder, adamw, add_common_args, autocast,
+                    build_dataset, check_mask_ratio, encoder_state_dict, init_distributed, init_weights, log_epoch,
+                    lr_at, make_loader, make_output_dir, masked_mse, no_sync_unless, pixel_targets, progress,
+                    random_masking, remove_stale_temp_files, restore_order, resume, resume_path, run, run_summary,
+                    save_training_state, scale_lr, seed_epoch, set_lr, start_log, train_transform, vit_arch, wrap_ddp)
+
+SCRIPT = os.path.basename(__file__)                  # recorded in every checkpoint: analyze.py rebuilds from it
 
 
 class Decoder(nn.Module):
@@ -65,12 +74,14 @@ class Decoder(nn.Module):
 
 
 class PiLaMIM(ViTEncoder):
-    """Context encoder (this module's own ViT), EMA target encoder, pixel and latent decoders."""
+    """Context encoder (this module's own ViT), EMA target encoder, pixel and latent decoders.
+
+    Meets the pre-training contract of common.py: forward -> (loss, pred, mask, loss terms).
+    """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  decoder_embed_dim=384, decoder_depth=6, decoder_num_heads=12, mlp_ratio=4.,
-                 norm_pix_loss=False, cls_loss=True, latent_target='raw', mff_layers=(), mff_proj='linear',
-                 mff_fusion='weighted', mff_detach=False):
+                 norm_pix_loss=False, cls_loss=True, latent_target='raw'):
         # No qkv bias, as the public code (timm's VisionTransformer(qkv_bias=False) and probe.py load it).
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias=False)
         if latent_target not in ('raw', 'layernorm'):
@@ -81,16 +92,10 @@ class PiLaMIM(ViTEncoder):
                                          qkv_bias=False)
         self.target_encoder.load_state_dict(encoder_state_dict(self.state_dict()))
         self.target_encoder.requires_grad_(False)
-        self.mff = (MultiLevelFusion(embed_dim, mff_layers, depth, num_heads, mff_proj, mff_fusion, mff_detach)
-                    if len(mff_layers) else None)                        # MFF for the pixel path only
-        self.mff_layers = self.mff.layers if self.mff is not None else []
         grid = img_size // patch_size
         dec = dict(grid=grid, dim=decoder_embed_dim, depth=decoder_depth, num_heads=decoder_num_heads)
         self.pixel_decoder = Decoder(embed_dim, patch_size ** 2 * in_chans, **dec)
         self.latent_decoder = Decoder(embed_dim, embed_dim, **dec)
-
-    def fusion_weights(self):
-        return self.mff.logged_weights() if self.mff is not None else None
 
     @torch.no_grad()
     def target_features(self, imgs):
@@ -106,36 +111,34 @@ class PiLaMIM(ViTEncoder):
         ctx = [self.get_parameter(n).detach() for n in names]
         torch._foreach_lerp_(tgt, ctx, 1. - momentum)
 
+    def reconstruction_target(self, imgs):
+        """The image the pixel decoder reconstructs: the input itself."""
+        return imgs
+
     def forward(self, imgs, mask_ratio=0.75, noise=None):
-        """-> (loss, L_pixel, L_latent, L_cls). imgs (N, C, H, W) normalised."""
+        """imgs (N, C, H, W) normalised -> (loss, pixel pred (N, L, p*p*C), mask (N, L), (L_pixel, L_latent, L_cls))."""
         ids_keep, mask, ids_restore = random_masking(imgs.shape[0], self.num_patches, mask_ratio,
                                                      imgs.device, noise)
-        levels = self.forward_blocks(self.embed(imgs, ids_keep), self.mff_layers or [self.depth - 1])
-        latent = self.norm(levels[-1])                                   # (N, 1 + K, D)
-        pixel_in = self.norm(self.mff(levels)) if self.mff is not None else latent
-        pred_pix = self.pixel_decoder(pixel_in, ids_restore)[:, 1:]     # (N, L, p*p*C)
+        latent = self.forward_features(imgs, ids_keep)                   # (N, 1 + K, D), after the final norm
+        pred_pix = self.pixel_decoder(latent, ids_restore)[:, 1:]       # (N, L, p*p*C)
         pred_lat = self.latent_decoder(latent, ids_restore)             # (N, 1 + L, D)
         # L_pixel: MAE loss on masked patches (optionally norm_pix).
-        l_pix = masked_mse(pred_pix, pixel_targets(imgs, self.patch_size, self.norm_pix_loss), mask)
+        target_pix = pixel_targets(self.reconstruction_target(imgs), self.patch_size, self.norm_pix_loss)
+        l_pix = masked_mse(pred_pix, target_pix, mask)
         # L_latent and L_cls: prediction i is paired with the target of patch i (both original order).
         target_lat = self.target_features(imgs)                          # (N, 1 + L, D), no grad
         l_lat = masked_mse(pred_lat[:, 1:], target_lat[:, 1:], mask)
         l_cls = (F.mse_loss(pred_lat[:, 0].float(), target_lat[:, 0]) if self.cls_loss
                  else torch.zeros((), device=imgs.device))
-        return l_pix + l_lat + l_cls, l_pix, l_lat, l_cls
+        return l_pix + l_lat + l_cls, pred_pix, mask, (l_pix, l_lat, l_cls)
 
 
 def build_model(args):
-    if args.model not in MODELS:
-        raise InputError(f"unknown --model '{args.model}': choose one of {', '.join(MODELS)}")
-    size, patch = MODELS[args.model]
-    depth = encoder_depth(args, size)
-    return PiLaMIM(img_size=args.input_size, patch_size=args.patch_size or patch, **{**VIT_SIZES[size], 'depth': depth},
+    """PiLaMIM from the command line: --model (ViT size and patch), --depth, decoder and latent-branch flags."""
+    return PiLaMIM(img_size=args.input_size, **vit_arch(args.model, args.depth),
                    decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
                    decoder_num_heads=args.decoder_num_heads, norm_pix_loss=args.norm_pix_loss,
-                   cls_loss=not args.no_cls_loss, latent_target=args.latent_target,
-                   mff_layers=parse_mff_layers(args.mff_layers, depth),
-                   mff_proj=args.mff_proj, mff_fusion=args.mff_fusion, mff_detach=args.mff_detach)
+                   cls_loss=not args.no_cls_loss, latent_target=args.latent_target)
 
 
 def epoch_lr(epoch, args):
@@ -159,13 +162,14 @@ def momentum_at(step, total_steps, start=0.996, end=1.0):
 NAMES = ('loss', 'pixel', 'latent', 'cls')
 
 
-def train_one_epoch(model, raw_model, loader, optimizer, device, epoch, step, total_steps, args, rank,
-                    world_size, last_ckpt):
-    """One pass; EMA update after every optimizer step. Returns (step, {loss parts}, images/s)."""
+def train_one_epoch(model, raw_model, loader, optimizer, device, epoch, step, tracker, args):
+    """One pass; EMA update (on raw_model, under any DDP/compile wrapper) after every optimizer step.
+    Returns (step, {loss parts}, images/s). tracker: the run's LossTracker (rank, world size, checkpoint)."""
     model.train()
-    tracker = LossTracker(device, NAMES)
+    tracker.start()
     micro_steps = len(loader) // args.accum_iter * args.accum_iter
-    bar = progress(loader, rank, total=micro_steps, desc=f'epoch {epoch}')
+    total_steps = args.epochs * (len(loader) // args.accum_iter)        # momentum schedule length
+    bar = progress(loader, tracker.rank, total=micro_steps, desc=f'epoch {epoch}')
     schedule = epoch_lr if args.lr_schedule == 'epoch' else lr_at
     start = time.time()
     for i, (imgs, _) in enumerate(bar):
@@ -177,55 +181,82 @@ def train_one_epoch(model, raw_model, loader, optimizer, device, epoch, step, to
         last_micro = (i + 1) % args.accum_iter == 0
         with no_sync_unless(model, last_micro):
             with autocast(device):                                       # bf16 on CUDA, target pass too
-                losses = model(imgs, args.mask_ratio)
-            (losses[0] / args.accum_iter).backward()
+                loss, _, _, terms = model(imgs, args.mask_ratio)
+            (loss / args.accum_iter).backward()
         if last_micro:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             raw_model.update_target(momentum_at(step, total_steps, args.ema_momentum, args.ema_end))
             step += 1
-        tracker.add(step, *losses)
+        tracker.add(step, loss, *terms)
         if (i + 1) % args.print_freq == 0:
-            tracker.check(last_ckpt)
-            log_fusion_weights(args, rank, raw_model, epoch + (i + 1) / micro_steps, step)
+            tracker.check()
             bar.set_postfix(loss=f"{tracker.mean(1)['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-    tracker.check(last_ckpt)
-    return step, tracker.mean(world_size), micro_steps * args.batch_size * world_size / (time.time() - start)
+    tracker.check()
+    return step, tracker.mean(), micro_steps * args.batch_size * tracker.world_size / (time.time() - start)
 
 
 def resolve_recipe(args):
-    """'auto' flags -> the public PiLaMIM code: RandomResizedCrop(0.2, 1), weight decay on every parameter."""
-    use_recipe(args, crop='rrc', wd_rule='all')
-    return f'PiLaMIM as the public code, {args.lr_schedule} lr schedule'
+    """The start-up checks, in one place (the defaults are the public code's recipe). -> the recipe line."""
+    for name in ('ema_momentum', 'ema_end'):
+        v = getattr(args, name)
+        if not 0 <= v <= 1:                                              # NaN fails this too
+            raise InputError(f'--{name} {v} is outside [0, 1]: EMA momentum is a fraction (0.996 -> 1 in the paper)')
+    return (f'PiLaMIM as the public code: {args.lr_schedule} lr schedule, crop {args.crop}, weight decay '
+            f'{args.weight_decay} on the {args.wd_rule} groups (common.param_groups), norm_pix '
+            f'{"on" if args.norm_pix_loss else "off"}, cls loss {"off" if args.no_cls_loss else "on"}, '
+            f'latent target {args.latent_target}, EMA {args.ema_momentum} -> {args.ema_end}')
 
 
 def main(args):
+    """Set-up in order (data -> model -> optimizer -> resume -> compile/DDP), then the epochs, each
+    ending in a checkpoint and a log line."""
     rank, world_size, device = init_distributed()
-    reference = resolve_recipe(args)
-    torch.manual_seed(args.seed)
-    raw_model = build_model(args).to(device)                             # target encoder: no grad, not optimised
+    make_output_dir(args.output_dir)
+    recipe = resolve_recipe(args)
     dataset = build_dataset(args, 'train', train_transform(args.input_size, args.crop))
-    model, loader, sampler, optimizer, start_epoch, step = prepare_training(   # restores target encoder + step
-        args, raw_model, dataset, rank, world_size, device, f'{reference}, target encoder included, cls loss '
-        f'{"on" if raw_model.cls_loss else "off"}, latent target {args.latent_target}, '
-        f'mff_layers {raw_model.mff_layers or "off"}')
-    total_steps = args.epochs * (len(loader) // args.accum_iter)         # momentum schedule length
-    last_ckpt = resume_path(args)                                        # named if the loss goes bad
-    for epoch in epochs(args, sampler, rank, start_epoch):
-        step, losses, speed = train_one_epoch(model, raw_model, loader, optimizer, device, epoch, step,
-                                              total_steps, args, rank, world_size, last_ckpt)
-        last_ckpt = save_training_state(args, raw_model, optimizer, epoch + 1, step, rank)  # rank 0 writes
-        log_epoch(args, rank, {'epoch': epoch + 1, 'step': step, **losses,
-                               'lr': optimizer.param_groups[0]['lr'],
+    loader, sampler = make_loader(dataset, args.batch_size, rank, world_size, args.num_workers, seed=args.seed,
+                                  accum_iter=args.accum_iter)
+    torch.manual_seed(args.seed)                                         # same init on every rank
+    raw_model = build_model(args).to(device)                             # target encoder: no grad, not optimised
+    check_mask_ratio(args.mask_ratio, raw_model.num_patches)
+    eff_batch = scale_lr(args, world_size)                               # lr = blr x effective batch / 256
+    optimizer = adamw(raw_model, args, device)                           # the --wd_rule groups
+    start_epoch, step, resumed = resume(args, raw_model, optimizer, SCRIPT)   # target encoder and step too
+    model = wrap_ddp(torch.compile(raw_model) if args.compile else raw_model, device, world_size)
+    if rank == 0:
+        remove_stale_temp_files(args.output_dir)                         # left by a kill mid-write
+        start_log(args, start_epoch if resumed else None)
+        print(f'{run_summary(args, raw_model, len(dataset), eff_batch, start_epoch, step)}\nrecipe: {recipe}',
+              flush=True)
+    tracker = LossTracker(device, rank, world_size, NAMES, checkpoint=resume_path(args))
+    total_steps = args.epochs * (len(loader) // args.accum_iter)
+    for epoch in range(start_epoch, args.epochs):
+        seed_epoch(args.seed, epoch, rank)                               # RNGs and data order from (seed, epoch)
+        sampler.set_epoch(epoch)
+        step, losses, speed = train_one_epoch(model, raw_model, loader, optimizer, device, epoch, step, tracker, args)
+        tracker.checkpoint = save_training_state(args, raw_model, optimizer, epoch + 1, step, rank, SCRIPT)
+        log_epoch(args, rank, {'epoch': epoch + 1, 'step': step, **losses, 'lr': optimizer.param_groups[0]['lr'],
                                'ema_momentum': momentum_at(step, total_steps, args.ema_momentum, args.ema_end),
-                               'images_per_s': round(speed, 1), 'fusion_weights': raw_model.fusion_weights()})
+                               'images_per_s': round(speed, 1)})
     return raw_model
 
 
 def get_args_parser():
-    """mae_mff.py's flags with PiLaMIM's defaults, plus the latent-branch switches."""
-    p = mae_args_parser(__doc__.split('\n')[0])
+    """Argparse defaults = the public code's recipe (ViT-B/16, 800 epochs); --preset overrides some of them."""
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     a = p.add_argument
+    a('--preset', choices=sorted(PRESETS), help='laptop: ViT-tiny/4, 32 px, built-in data, ~5 min on 2 CPU cores')
+    a('--model', default='pilamim_vit_base_patch16',
+      help='<name>_vit_<size>_patch<p>: ViT size (tiny, small, base, large, huge) and patch of both encoders')
+    a('--input_size', type=int, default=224)
+    a('--depth', type=int, default=None, help="encoder blocks; overrides the model size's depth (small studies)")
+    a('--mask_ratio', type=float, default=0.75, help='fraction of patches removed')
+    a('--norm_pix_loss', action=argparse.BooleanOptionalAction, default=False,
+      help='standardise each pixel-target patch (off: raw pixels, as the paper)')
+    a('--decoder_embed_dim', type=int, default=384)
+    a('--decoder_depth', type=int, default=6)
+    a('--decoder_num_heads', type=int, default=12)
     a('--no_cls_loss', action='store_true', help="drop L_cls (the paper's 'w/o [CLS]' ablation)")
     a('--latent_target', default='raw', choices=['raw', 'layernorm'],
       help="raw: target encoder output after its final norm (paper); layernorm: + non-affine LN (I-JEPA)")
@@ -234,17 +265,20 @@ def get_args_parser():
     a('--lr_schedule', default='epoch', choices=['epoch', 'iter'],
       help="epoch: the public code's per-epoch min((e+1)/warmup, cosine over all epochs); iter: MAE's "
            "per-iteration warmup then cosine (common.lr_at)")
-    # Paper recipe: 128 per GPU x 2 accumulation x 8 GPUs = 2048; raw pixels; no MFF; --crop/--wd_rule
-    # auto = resolve_recipe (RandomResizedCrop, decay on every parameter).
-    p.set_defaults(decoder_embed_dim=384, decoder_depth=6, decoder_num_heads=12, norm_pix_loss=False,
-                   mff_layers='none', batch_size=128, accum_iter=2, epochs=800)
+    a('--crop', default='rrc', choices=['rrc', 'simple'],
+      help="rrc: RandomResizedCrop(0.2, 1), bicubic (the public code); simple: PixMIM's resize + padded crop")
+    a('--wd_rule', default='all', choices=WD_RULES,
+      help='weight-decay groups (common.param_groups); all = every parameter, as the public code')
+    add_common_args(p)
+    # Public-code recipe: 128 per GPU x 2 accumulation x 8 GPUs = 2048.
+    p.set_defaults(batch_size=128, accum_iter=2, epochs=800)
     return p
 
 
-PRESETS = {'laptop': dict(model='mae_vit_tiny_patch16', input_size=32, patch_size=4, decoder_embed_dim=128,
-                          decoder_depth=2, decoder_num_heads=4, batch_size=128, accum_iter=1, epochs=5,
-                          warmup_epochs=1, blr=1.5e-3, builtin_size=4096, num_workers=1, save_freq=4,
-                          output_dir='./output/pilamim_laptop', print_freq=8,
+PRESETS = {'laptop': dict(model='pilamim_vit_tiny_patch4', input_size=32, decoder_embed_dim=128, decoder_depth=2,
+                          decoder_num_heads=4, batch_size=128, accum_iter=1, epochs=5, warmup_epochs=1, blr=1.5e-3,
+                          builtin_size=4096, num_workers=1, save_freq=4, output_dir='./output/pilamim_laptop',
+                          print_freq=8,
                           lr_schedule='iter')}  # 1 warm-up epoch: per-epoch steps would skip the warm-up
 
 if __name__ == '__main__':

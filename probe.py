@@ -4,11 +4,14 @@ The encoder never trains: it is frozen, in eval mode, and only a pooling + Batch
 learns on top of it (MAE's linear-probe protocol). Without augmentation the features are computed once and cached, so
 an epoch of head training costs a pass over a tensor instead of a pass through the ViT.
 
-    python probe.py --checkpoint output/mae_mff_laptop/checkpoint-last.pth           # built-in data, [cls]
-    python probe.py --checkpoint ... --pool abmilp                                    # Selective Aggregation
-    python probe.py --checkpoint ... --knn                                            # k-NN, no training
+    python probe.py --preset laptop --checkpoint output/mae_mff_laptop/checkpoint-last.pth   # built-in data, [cls]
+    python probe.py --preset laptop --checkpoint ... --pool abmilp                          # Selective Aggregation
+    python probe.py --preset laptop --checkpoint ... --knn                                  # k-NN, no training
     torchrun --nproc_per_node=8 probe.py --checkpoint mae_pretrain_vit_base.pth --data_path /imagenet
         # the MAE recipe by default: 2048 per GPU x accum_iter 1 x 8 GPUs = 16384, re-encoding (--aug)
+
+Argparse defaults are that recipe; `--preset laptop` (built-in data, CPU) trains on cached features
+for 30 epochs; resolve_recipe fills in what depends on the run (accum_iter, --feature_norm auto).
 
 Sections: pooling heads -> features/cache -> k-NN -> training loop -> CLI.
 """
@@ -257,21 +260,21 @@ def probe_train_transform(size):
 RECIPE_BATCH = 16384                           # effective batch of every reference probe (SPEC s.5)
 
 
-def resolve_defaults(args):
-    """With --data_path: the MAE / Beyond-[cls] recipe (effective batch 16384: 2048 per GPU x accum_iter
-    16384 / (2048 x GPUs)). Built-in data gets a quick setting: cached features, 30 epochs, blr 30.
-    --feature_norm auto: MAE's post-norm features for cls/mean, the raw residual stream for abmilp."""
-    builtin = not args.data_path
-    pick = lambda v, folder, small: v if v is not None else (small if builtin else folder)  # noqa: E731
-    args.epochs = pick(args.epochs, 90, 30)
-    args.warmup_epochs = pick(args.warmup_epochs, 10, 3)
-    args.blr = pick(args.blr, 0.1, 30.)        # few steps at small scale: LARS needs a large lr
-    args.num_workers = pick(args.num_workers, 10, 0)
-    args.aug = pick(args.aug, True, False) and not args.knn
-    args.batch_size = pick(args.batch_size, 2048, 256)
-    args.accum_iter = pick(args.accum_iter, max(1, round(RECIPE_BATCH / (args.batch_size * args.world_size))), 1)
-    if args.batch_size < 1 or args.accum_iter < 1:
-        raise InputError(f'--batch_size {args.batch_size} / --accum_iter {args.accum_iter} must be at least 1')
+def resolve_recipe(args):
+    """The start-up resolution, in one place (main prints the outcome). accum_iter: the recipe's effective
+    batch 16384 = batch_size x accum_iter x GPUs (8 on one GPU at 2048, 1 on 8). --feature_norm auto:
+    MAE's post-norm features for cls/mean, the raw residual stream for abmilp. k-NN never augments."""
+    if args.batch_size < 1:
+        raise InputError(f'--batch_size {args.batch_size} < 1: give at least 1 image per process')
+    if args.accum_iter is None:
+        args.accum_iter = max(1, round(RECIPE_BATCH / (args.batch_size * args.world_size)))
+    if args.accum_iter < 1:
+        raise InputError(f'--accum_iter {args.accum_iter} < 1: give at least 1')
+    if not args.knn_k >= 1:
+        raise InputError(f'--knn_k {args.knn_k} < 1: pass at least 1')
+    if not args.knn_t > 0:                                               # NaN fails this too
+        raise InputError(f'--knn_t {args.knn_t} must be positive: votes are weighted by exp(similarity / t)')
+    args.aug = args.aug and not args.knn
     args.eff_batch = args.batch_size * args.accum_iter * args.world_size
     args.lr = args.lr if args.lr is not None else args.blr * args.eff_batch / 256
     if args.feature_norm == 'auto':
@@ -283,7 +286,7 @@ def resolve_defaults(args):
 def main(args):
     rank, world_size, device = init_distributed()
     args.world_size = world_size
-    resolve_defaults(args)
+    resolve_recipe(args)
     encoder = load_encoder(args.checkpoint, args).to(device)
     if not -encoder.depth <= args.layer < encoder.depth:
         raise InputError(f'--layer {args.layer} does not exist in a {encoder.depth}-block encoder: '
@@ -337,6 +340,8 @@ def main(args):
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     a = p.add_argument
+    a('--preset', choices=sorted(PRESETS), help='laptop: built-in data on a CPU: cached features, batch 256, '
+      '30 epochs, blr 30 (few steps at small scale: LARS needs a large lr)')
     a('--checkpoint', required=True,
       help='our pre-training or finetune.py checkpoint, an official MAE .pth or a timm ViT state dict')
     a('--model', default='', help='only a check: the architecture is read from the checkpoint')
@@ -357,20 +362,20 @@ def get_args_parser():
     a('--knn', action='store_true', help='k-NN instead of a trained head: seconds, a health check during pre-training')
     a('--knn_k', type=int, default=20)
     a('--knn_t', type=float, default=0.07, help='vote weight exp(similarity / t)')
-    a('--aug', dest='aug', action='store_const', const=True, default=None,
-      help='re-encode every batch with RandomResizedCrop + flip (the MAE recipe; default with --data_path)')
+    a('--aug', dest='aug', action='store_const', const=True, default=True,
+      help='re-encode every batch with RandomResizedCrop + flip (the MAE recipe, the default)')
     a('--no_aug', dest='aug', action='store_const', const=False,
-      help='encode once and train on cached features, >= 10x faster (default for built-in data and k-NN)')
-    a('--batch_size', type=int, default=None,
-      help='per process; default 2048 with --data_path, 256 on built-in data. Effective batch = batch_size x '
-           'accum_iter x GPUs; the recipe (MAE, Beyond [cls]) is 16384')
+      help='encode once and train on cached features, >= 10x faster (--preset laptop; k-NN always)')
+    a('--batch_size', type=int, default=2048,
+      help='per process (256 in --preset laptop). Effective batch = batch_size x accum_iter x GPUs; the recipe '
+           '(MAE, Beyond [cls]) is 16384')
     a('--accum_iter', type=int, default=None,
-      help='gradient accumulation steps; default with --data_path 16384 / (batch_size x GPUs) (8 on one GPU, '
-           '1 on 8), so the recipe\'s effective batch 16384 is reached; 1 on built-in data')
-    a('--epochs', type=int, default=None, help='default 90 (MAE; PiLaMIM uses 100), 30 on built-in data')
-    a('--warmup_epochs', type=int, default=None, help='default 10, 3 on built-in data')
-    a('--blr', type=float, default=None,
-      help='lr = blr x effective batch / 256; default 0.1 (MAE: lr 6.4 at 16384), 30 on built-in data '
+      help='gradient accumulation steps; default 16384 / (batch_size x GPUs) (8 on one GPU, 1 on 8), so the '
+           'recipe\'s effective batch 16384 is reached; 1 in --preset laptop')
+    a('--epochs', type=int, default=90, help='90 (MAE; PiLaMIM uses 100), 30 in --preset laptop')
+    a('--warmup_epochs', type=int, default=10, help='10, 3 in --preset laptop')
+    a('--blr', type=float, default=0.1,
+      help='lr = blr x effective batch / 256; 0.1 (MAE: lr 6.4 at 16384), 30 in --preset laptop '
            '(an abmilp probe there that ends near chance: try 10). '
            "PiLaMIM's probe: lr 3 at batch 1024 = blr 0.75")
     a('--lr', type=float, default=None, help='absolute lr; overrides --blr')
@@ -380,11 +385,15 @@ def get_args_parser():
     a('--builtin_size', type=int, default=4096, help='built-in training images (val: a quarter, at least 256)')
     a('--builtin_label', default='shape', choices=['shape', 'count'],
       help='shape: semantic task; count: low-level task (objects 1-4). Chance is 25%% for both')
-    a('--num_workers', type=int, default=None, help='loader processes; default 10, 0 on built-in data')
+    a('--num_workers', type=int, default=10, help='loader processes (0 in --preset laptop)')
     a('--output_dir', default='./output/probe', help='log.jsonl and the JSON result file go here')
     a('--seed', type=int, default=0)
     return p
 
 
+# Built-in data on a CPU: encode once, train the head on the cache; everything else is the recipe.
+PRESETS = {'laptop': dict(epochs=30, warmup_epochs=3, blr=30., num_workers=0, aug=False, batch_size=256,
+                          accum_iter=1)}
+
 if __name__ == '__main__':
-    run(main, get_args_parser())
+    run(main, get_args_parser(), PRESETS)

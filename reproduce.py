@@ -27,8 +27,8 @@ import sys
 import time
 from collections import namedtuple
 
-from common import VIT_SIZES, InputError, run
-from mae_mff import MODELS, paper_mff_layers
+from common import InputError, run, vit_arch
+from mae_mff import paper_mff_layers
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,7 +53,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # PROVISIONAL: the 20 epochs are read off one learning curve (README, "Reproduction at laptop
 # scale"); re-measure with the command given there when the setting changes.
 SCALES = {
-    'laptop': dict(model='mae_vit_tiny_patch16', depth=6, input_size=32, patch_size=4, decoder=(128, 2, 4),
+    'laptop': dict(model='mae_vit_tiny_patch4', depth=6, input_size=32, decoder=(128, 2, 4),
                    batch_size=128, blr=1.5e-3, epochs=20, warmup_epochs=2, pretrain_images=2048, seeds=3,
                    pools=('cls', 'mean', 'abmilp'), tasks=('shape', 'count'), probe_images=2048,
                    probe_batch=256, probe_epochs=30, ft_epochs=5, ft_batch=64, lowshot_epochs=(15, 30),
@@ -62,7 +62,7 @@ SCALES = {
                    quick=dict(seeds=1, epochs=5, warmup_epochs=1, probe_images=1024, ft_epochs=2,
                               lowshot_epochs=(8, 15), hessian=(2, 2, 32))),
     # The GPU rung: ViT-S at 64 px (16 x 16 patches of 4 px), more images and epochs.
-    'gpu': dict(model='mae_vit_small_patch16', depth=None, input_size=64, patch_size=4, decoder=(256, 4, 8),
+    'gpu': dict(model='mae_vit_small_patch4', depth=None, input_size=64, decoder=(256, 4, 8),
                 batch_size=256, blr=1e-3, epochs=100, warmup_epochs=10, pretrain_images=50000, seeds=3,
                 pools=('cls', 'mean', 'abmilp'), tasks=('shape', 'count'), probe_images=10000,
                 probe_batch=512, probe_epochs=50, ft_epochs=20, ft_batch=128, lowshot_epochs=(50, 100),
@@ -71,7 +71,7 @@ SCALES = {
                 hessian_methods=('mae', 'mff_mae', 'pixmim', 'mff_pixmim'),
                 quick=dict(seeds=1, epochs=20, warmup_epochs=2)),
     # The test suite's miniature (test_smoke.py): seconds per step, numbers meaningless.
-    'test': dict(model='mae_vit_tiny_patch16', depth=2, input_size=16, patch_size=4, decoder=(32, 1, 2),
+    'test': dict(model='mae_vit_tiny_patch4', depth=2, input_size=16, decoder=(32, 1, 2),
                  batch_size=16, blr=1e-3, epochs=1, warmup_epochs=1, pretrain_images=64, seeds=1,
                  pools=('cls', 'abmilp'), tasks=('shape',), probe_images=64, probe_batch=32, probe_epochs=2,
                  ft_epochs=1, ft_batch=16, lowshot_epochs=(1, 1), lowshot_batch=4, num_images=16,
@@ -107,7 +107,8 @@ def setting(args):
     for k in ('seeds', 'epochs'):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
-    cfg['depth'] = cfg['depth'] or VIT_SIZES[MODELS[cfg['model']][0]]['depth']
+    arch = vit_arch(cfg['model'], cfg['depth'])                          # the --model name states the patch
+    cfg['depth'], cfg['patch_size'] = arch['depth'], arch['patch_size']
     cfg['tasks'] = ('data',) if args.data_path else cfg['tasks']        # a folder has one label kind
     grid = cfg['input_size'] // cfg['patch_size']
     cfg['tokens'] = grid * grid
@@ -129,6 +130,11 @@ def data_flags(args, images, task=None):
     if args.data_path:
         return ['--data_path', args.data_path]
     return ['--builtin_size', images] + (['--builtin_label', task] if task else [])
+
+
+def eval_flags(args, images, task=None):
+    """probe.py / finetune.py: their recipe on a folder, their laptop preset on the built-in data."""
+    return data_flags(args, images, task) if args.data_path else ['--preset', 'laptop', *data_flags(args, images, task)]
 
 
 def plan(args, cfg, root, selected=True):
@@ -158,7 +164,7 @@ def plan(args, cfg, root, selected=True):
             script, flags = METHODS[m]
         out = folder('pretrain', m, f's{s}')
         cmd = [script, '--model', cfg['model'], '--depth', d, '--input_size', cfg['input_size'],
-               '--patch_size', cfg['patch_size'], '--decoder_embed_dim', dim, '--decoder_depth', ddepth,
+               '--decoder_embed_dim', dim, '--decoder_depth', ddepth,
                '--decoder_num_heads', heads, '--batch_size', cfg['batch_size'], '--accum_iter', 1,
                '--blr', cfg['blr'], '--epochs', E, '--warmup_epochs', cfg['warmup_epochs'], '--save_freq', E,
                '--print_freq', 4,                                        # fusion weights every 4 steps: a curve
@@ -174,12 +180,12 @@ def plan(args, cfg, root, selected=True):
                 out = folder('probe', m, f's{s}', pool, task)
                 cmd = ['probe.py', '--checkpoint', ckpt(m, s), '--pool', pool, '--no_aug', '--epochs',
                        cfg['probe_epochs'], '--batch_size', cfg['probe_batch'], '--seed', s, '--output_dir', out,
-                       *data_flags(args, cfg['probe_images'], task)]
+                       *eval_flags(args, cfg['probe_images'], task)]
                 add('probe', f'probe {pool} {task} {m} seed {s}', cmd, out, f'probe_{pool}_block{d - 1}.json',
                     [ckpt(m, s)], SECONDS_PER_IMAGE['forward'] * f * n_probe, [(m, s)], f'{pool}_{task}')
             out = folder('knn', m, f's{s}', task)
             cmd = ['probe.py', '--checkpoint', ckpt(m, s), '--knn', '--seed', s, '--output_dir', out,
-                   *data_flags(args, cfg['probe_images'], task)]
+                   *eval_flags(args, cfg['probe_images'], task)]
             add('knn', f'k-NN {task} {m} seed {s}', cmd, out, f'knn_cls_block{d - 1}.json', [ckpt(m, s)],
                 SECONDS_PER_IMAGE['forward'] * f * n_probe, [(m, s)], f'knn_{task}')
 
@@ -194,7 +200,7 @@ def plan(args, cfg, root, selected=True):
             cmd = ['finetune.py', '--checkpoint', ckpt(m, s), '--epochs', ep, '--batch_size', batch, '--seed', s,
                    '--num_workers', cfg['workers'], '--output_dir', out, '--resume', 'auto',
                    *(['--train_fraction', round(frac, 4)] if frac else []),
-                   *data_flags(args, cfg['probe_images'], semantic if semantic != 'data' else None)]
+                   *eval_flags(args, cfg['probe_images'], semantic if semantic != 'data' else None)]
             images = cfg['probe_images'] * (frac or 1)
             add(part, f'{part} {label} {m} seed {s}', cmd, out, 'finetune.json', [ckpt(m, s)],
                 SECONDS_PER_IMAGE['forward'] * f * ep * (3 * images + n_val), [(m, s)],

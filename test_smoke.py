@@ -31,7 +31,7 @@ from common import (InputError, SyntheticShapes, ViTEncoder, eval_transform, mak
                     save_checkpoint, train_transform, unpatchify)
 from mae_mff import MaskedAutoencoder, paper_mff_layers
 from pilamim import PiLaMIM, momentum_at
-from pixmim_mff import ideal_low_pass, low_freq_target, pixmim_loss
+from pixmim_mff import PixMIM, ideal_low_pass, low_freq_target
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # One thread per script run: 2-thread OpenMP crawls when other processes share the 2 cores.
@@ -40,7 +40,7 @@ torch.set_num_threads(1)                                                 # likew
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2,
             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
 # A fast CLI setting: 16 px images, 16 patches, tiny ViT (depth 12, width 192), 4 steps per epoch.
-CLI_TINY = ['--model', 'mae_vit_tiny_patch16', '--input_size', '16', '--patch_size', '4',
+CLI_TINY = ['--model', 'mae_vit_tiny_patch4', '--input_size', '16',
             '--decoder_embed_dim', '32', '--decoder_depth', '1', '--decoder_num_heads', '2',
             '--batch_size', '16', '--accum_iter', '1', '--builtin_size', '64', '--epochs', '3', '--warmup_epochs', '1',
             '--blr', '1e-3', '--num_workers', '0', '--print_freq', '2']
@@ -158,10 +158,21 @@ def test_loss_ignores_visible_patches():
     assert model.forward_loss(imgs, masked, mask) > base + 1
 
 
-def test_factories_default_to_the_paper_levels():
-    model = mae_mff.mae_vit_tiny_patch16(img_size=32, decoder_depth=1)
-    assert model.mff_layers == [0, 2, 4, 6, 8, 11] and model.patch_size == 16 and len(model.blocks) == 12
-    assert mae_mff.mae_vit_tiny_patch16(img_size=32, mff_layers=()).mff is None
+def test_model_names_state_the_patch_and_mff_comes_from_its_flag():
+    assert MaskedAutoencoder(**TINY).mff is None                         # the constructor is official MAE's
+    model = mae_mff.build_model(mae_mff.get_args_parser().parse_args(['--model', 'mae_vit_tiny_patch4',
+                                                                      '--input_size', '32']))
+    assert model.mff_layers == [0, 2, 4, 6, 8, 11] and model.patch_size == 4 and len(model.blocks) == 12
+    defaults = mae_mff.get_args_parser().parse_args([])
+    assert common.vit_arch(defaults.model) == dict(embed_dim=768, depth=12, num_heads=12, patch_size=16)  # ViT-B/16
+    plain = mae_mff.build_model(mae_mff.get_args_parser().parse_args(['--mff_layers', 'none', '--model',
+                                                                      'mae_vit_tiny_patch16', '--input_size', '32']))
+    assert plain.mff is None and plain.patch_size == 16                  # --mff_layers none: official MAE
+    assert common.vit_arch('pilamim_vit_small_patch8', depth=3) == dict(embed_dim=384, depth=3, num_heads=6,
+                                                                       patch_size=8)
+    for bad in ('mae_vit_tiny', 'vit_giant_patch14'):
+        with pytest.raises(InputError, match='names no ViT size and patch'):
+            common.vit_arch(bad)
 
 
 def test_paper_mff_layers():
@@ -273,7 +284,8 @@ def test_cli_trains_on_builtin_data_logs_and_saves(tmp_path):
     assert all(math.isfinite(r['loss']) for r in log) and log[-1]['loss'] < log[0]['loss']
     assert len(log[0]['fusion_weights']) == 6 and math.isclose(sum(log[-1]['fusion_weights']), 1, rel_tol=1e-3)
     ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
-    assert ckpt['epoch'] == 3 and ckpt['step'] == 12 and ckpt['args']['model'] == 'mae_vit_tiny_patch16'
+    assert ckpt['epoch'] == 3 and ckpt['step'] == 12 and ckpt['args']['model'] == 'mae_vit_tiny_patch4'
+    assert ckpt['script'] == 'mae_mff.py'                                # analyze.py rebuilds from this record
     assert (out / 'checkpoint-3.pth').exists() and 'effective batch 16' in proc.stdout
 
 
@@ -383,7 +395,7 @@ def test_corrupt_image_is_named(tmp_path, workers):
 def test_resume_from_another_architecture_is_refused(tmp_path):
     cli('mae_mff.py', *CLI_TINY, '--epochs', '1', '--output_dir', tmp_path)
     with pytest.raises(InputError, match='another architecture'):
-        mae_mff.main(cli_args('--model', 'mae_vit_small_patch16', '--resume', 'auto', '--output_dir', tmp_path))
+        mae_mff.main(cli_args('--model', 'mae_vit_small_patch4', '--resume', 'auto', '--output_dir', tmp_path))
     with pytest.raises(InputError, match='does not match'):
         mae_mff.main(cli_args('--mff_layers', 'none', '--resume', 'auto', '--output_dir', tmp_path))
     official = {'model': torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)['model'],
@@ -460,14 +472,15 @@ def test_target_in_normalised_space_and_used_by_loss():
     assert not target.requires_grad
     assert torch.allclose(target, expected, atol=1e-5)
     torch.manual_seed(0)
-    model = MaskedAutoencoder(**METHOD_TINY, norm_pix_loss=True, mff_layers=[0, 1])
+    model = PixMIM(lpf_radius=3., **METHOD_TINY, norm_pix_loss=True, mff_layers=[0, 1])
+    plain = MaskedAutoencoder(**METHOD_TINY, norm_pix_loss=True, mff_layers=[0, 1])
+    plain.load_state_dict(model.state_dict())                            # same weights, same keys
+    assert torch.allclose(model.reconstruction_target(imgs), expected, atol=1e-5)
     torch.manual_seed(1)
-    loss = pixmim_loss(model, imgs, 0.75, 3.)
+    loss, pred, mask = model(imgs, 0.75)
+    ref = common.masked_mse(pred, common.pixel_targets(expected, 4, True), mask)
     torch.manual_seed(1)
-    ref = model(imgs, 0.75, target_imgs=expected)[0]                      # same mask
-    torch.manual_seed(1)
-    plain = model(imgs, 0.75)[0]
-    assert torch.allclose(loss, ref, atol=1e-6) and not torch.allclose(loss, plain)
+    assert torch.allclose(loss, ref, atol=1e-6) and not torch.allclose(loss, plain(imgs, 0.75)[0])
 
 
 # ---------------------------------------------------------------------------------------------- PiLaMIM
@@ -539,16 +552,16 @@ def test_latent_targets_paired_with_the_same_patches():
     with torch.no_grad():
         oracle = truth(imgs)
     model.latent_decoder = Oracle(oracle)
-    _, _, l_lat, l_cls = model(imgs)
+    _, _, _, (_, l_lat, l_cls) = model(imgs)
     assert l_lat.item() < 1e-10 and l_cls.item() < 1e-10                 # perfect predictor -> zero loss
     # Controls: the test notices a pairing with other patches, or the public code's shuffled targets.
     model.latent_decoder = Oracle(torch.cat([oracle[:, :1], oracle[:, 1:].roll(1, dims=1)], dim=1))
-    assert model(imgs)[2].item() > 1e-2
+    assert model(imgs)[3][1].item() > 1e-2
     model.latent_decoder = Oracle(oracle)
     unshuffled = model.target_features
     model.target_features = lambda x: (lambda t: torch.cat(
         [t[:, :1], t[:, 1:][:, torch.randperm(t.shape[1] - 1)]], dim=1))(unshuffled(x))
-    assert model(imgs)[2].item() > 1e-2
+    assert model(imgs)[3][1].item() > 1e-2
 
 
 def test_decoder_returns_original_patch_order():
@@ -567,16 +580,17 @@ def test_decoder_returns_original_patch_order():
 def test_no_cls_loss_switch():
     imgs = torch.randn(2, 3, 16, 16)
     torch.manual_seed(3)
-    loss, l_pix, l_lat, l_cls = tiny_pilamim()(imgs)
+    loss, pred, mask, (l_pix, l_lat, l_cls) = tiny_pilamim()(imgs)
     assert l_cls.item() > 0 and torch.allclose(loss, l_pix + l_lat + l_cls)
+    assert torch.allclose(l_pix, common.masked_mse(pred, common.patchify(imgs, 4), mask))   # pred: the pixel branch
     torch.manual_seed(3)
-    loss, l_pix, l_lat, l_cls = tiny_pilamim(cls_loss=False)(imgs)
+    loss, _, _, (l_pix, l_lat, l_cls) = tiny_pilamim(cls_loss=False)(imgs)
     assert l_cls.item() == 0 and torch.allclose(loss, l_pix + l_lat)
 
 
 # ---------------------------------------------------------------------------------------------- METHOD_CLI
 
-METHOD_CLI = ['--model', 'mae_vit_tiny_patch16', '--input_size', '16', '--patch_size', '4', '--decoder_embed_dim', '32',
+METHOD_CLI = ['--model', 'mae_vit_tiny_patch4', '--input_size', '16', '--decoder_embed_dim', '32',
        '--decoder_depth', '1', '--decoder_num_heads', '2', '--builtin_size', '32', '--batch_size', '16',
        '--accum_iter', '1', '--epochs', '2', '--warmup_epochs', '1', '--num_workers', '0', '--save_freq', '1',
        '--print_freq', '1']
@@ -641,9 +655,10 @@ PROBE_TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)
 
 
 def probe_args(*flags):
-    args = probe.get_args_parser().parse_args(list(flags))
+    """probe.py's flags with its laptop preset (built-in data), resolved as main resolves them."""
+    args = common.parse_args(probe.get_args_parser(), probe.PRESETS, ['--preset', 'laptop', *map(str, flags)])
     args.world_size = 1
-    probe.resolve_defaults(args)
+    probe.resolve_recipe(args)
     return args
 
 
@@ -662,7 +677,7 @@ def pretrained(tmp_path_factory):
         opt.step()
     path = str(tmp_path_factory.mktemp('pre') / 'checkpoint-last.pth')
     save_checkpoint({'model': model.state_dict(), 'optimizer': opt.state_dict(), 'epoch': 1, 'step': 4,
-                     'args': {'model': 'mae_vit_tiny_patch16', 'input_size': 32, 'patch_size': 4}}, path)
+                     'args': {'model': 'mae_vit_tiny_patch4', 'input_size': 32}}, path)
     return path
 
 
@@ -831,9 +846,21 @@ def test_weight_decay_groups_follow_each_reference():
 def test_each_method_resolves_its_reference_recipe(script, flags, crop, rule):
     module = importlib.import_module(script)
     args = module.get_args_parser().parse_args(flags)
-    assert flags or args.crop == args.wd_rule == 'auto'                  # defaults are resolved, not fixed
+    if script == 'mae_mff' and not flags:                                # MFF-MAE and MAE differ: resolved
+        assert args.crop == args.wd_rule == 'auto'
     module.resolve_recipe(args)
     assert (args.crop, args.wd_rule) == (crop, rule)
+
+
+def test_each_script_has_its_own_presets(monkeypatch):
+    import pilamim
+    import pixmim_mff
+    for module in (pilamim, pixmim_mff):
+        monkeypatch.setitem(module.PRESETS, 'short', dict(epochs=3))
+        args = common.parse_args(module.get_args_parser(), module.PRESETS, ['--preset', 'short', '--blr', '1'])
+        assert (args.epochs, args.blr) == (3, 1.)                        # the preset's value; explicit flags win
+    with pytest.raises(SystemExit):                                      # not a preset of mae_mff.py
+        common.parse_args(mae_mff.get_args_parser(), mae_mff.PRESETS, ['--preset', 'short'])
 
 
 def test_simple_crop_is_bilinear_and_rrc_bicubic():
@@ -850,7 +877,7 @@ def test_simple_crop_is_bilinear_and_rrc_bicubic():
 def test_plain_mae_prints_and_records_its_recipe(tmp_path, capsys):
     in_process('mae_mff.py', tmp_path, '--mff_layers', 'none', '--epochs', '1')
     out = capsys.readouterr().out
-    assert 'MAE as the official code' in out and 'recipe: crop rrc, weight decay 0.05 on the mae groups' in out
+    assert 'recipe: MAE as the official code: crop rrc, weight decay 0.05 on the mae groups' in out
     saved = torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)['args']
     assert (saved['crop'], saved['wd_rule']) == ('rrc', 'mae')
 
@@ -946,7 +973,7 @@ def test_probe_lr_help_and_recipe_batch():
     for world, accum in ((1, 8), (8, 1)):
         args = probe.get_args_parser().parse_args(['--checkpoint', 'x', '--data_path', '/imagenet'])
         args.world_size = world
-        probe.resolve_defaults(args)
+        probe.resolve_recipe(args)
         assert (args.batch_size, args.accum_iter, args.eff_batch) == (2048, accum, 16384)
         assert args.lr == pytest.approx(6.4)                              # mmpretrain's LARS lr 6.4
     args = probe_args('--checkpoint', 'x')
@@ -1044,6 +1071,9 @@ def test_mask_ratio_leaving_no_visible_or_no_masked_patch_is_refused(tmp_path, m
     ('probe.py', ['--blr', '-1'], '--blr -1.0 is negative'),
     ('probe.py', ['--epochs', '0'], '--epochs 0 < 1'),
     ('probe.py', ['--knn', '--knn_t', '0'], '--knn_t 0.0 must be positive'),
+    ('probe.py', ['--knn_k', '0'], '--knn_k 0 < 1'),
+    ('probe.py', ['--batch_size', '0'], '--batch_size 0 < 1'),            # once a ZeroDivisionError
+    ('probe.py', ['--preset', 'laptop', '--accum_iter', '0'], '--accum_iter 0 < 1'),
 ])
 def test_bad_numeric_flags_are_one_line_errors(tmp_path, monkeypatch, capsys, script, flags, words):
     base = ['--checkpoint', tmp_path / 'none.pth'] if script == 'probe.py' else METHOD_CLI
@@ -1120,8 +1150,8 @@ def test_full_disk_on_a_log_or_result_file_is_one_line(tmp_path, monkeypatch, ca
     fails_in_one_line('mae_mff.py', [*METHOD_CLI, '--output_dir', out, '--epochs', '1'], monkeypatch, capsys,
                       f'disk full while writing in {out}', 'intact', '--resume auto')
     assert common.load_checkpoint(str(out / 'checkpoint-last.pth'))['epoch'] == 1   # saved before the log line
-    fails_in_one_line('probe.py', ['--checkpoint', out / 'checkpoint-last.pth', '--output_dir', tmp_path / 'probe',
-                                   '--epochs', '1', '--builtin_size', '64', '--batch_size', '16'],
+    fails_in_one_line('probe.py', ['--preset', 'laptop', '--checkpoint', out / 'checkpoint-last.pth', '--output_dir',
+                                   tmp_path / 'probe', '--epochs', '1', '--builtin_size', '64', '--batch_size', '16'],
                       monkeypatch, capsys, 'disk full while writing in')
 
 
@@ -1162,10 +1192,10 @@ def test_messages_point_to_the_right_flag_and_script(finished_runs, tmp_path):
         mae_mff.main(mae_mff.get_args_parser().parse_args([*METHOD_CLI, '--output_dir', str(tmp_path / 'a'),
                                                            '--resume', str(pila)]))
     old = torch.load(finished_runs['mae_mff.py'] / 'checkpoint-last.pth', weights_only=True)
-    assert old.pop('script') == 'mae_mff.py'                             # recorded; older ones lack it:
-    torch.save(old, tmp_path / 'old.pth')
+    assert old.pop('script') == 'mae_mff.py'                             # recorded; without the record no
+    torch.save(old, tmp_path / 'old.pth')                                # guess: the weights do not fit
     pilamim = importlib.import_module('pilamim')
-    with pytest.raises(InputError, match='written by mae_mff.py, not pilamim.py'):
+    with pytest.raises(InputError, match='does not match this model'):
         pilamim.main(pilamim.get_args_parser().parse_args([*METHOD_CLI, '--output_dir', str(tmp_path / 'b'),
                                                            '--resume', str(tmp_path / 'old.pth')]))
 
@@ -1250,9 +1280,10 @@ knn = probe.accuracy(probe.topk_hits(probe.knn_scores(bank_x, bank_y, val_x, 4, 
 torch.manual_seed(1)
 head = torch.nn.Linear(32, 4)
 args = probe.get_args_parser().parse_args(['--checkpoint', 'x', '--pool', 'mean', '--layer', '1', '--batch_size', '7',
-                                           '--epochs', '1', '--warmup_epochs', '0', '--output_dir', sys.argv[2]])
+                                           '--accum_iter', '1', '--epochs', '1', '--warmup_epochs', '0',
+                                           '--output_dir', sys.argv[2]])
 args.world_size = world
-probe.resolve_defaults(args)
+probe.resolve_recipe(args)
 linear = [probe.evaluate(head, encoder, (val_x, val_y), 4, args, device, world),     # cached features
           probe.evaluate(head, encoder, loader(val), 4, args, device, world)]        # re-encoded
 probe.train_probe(encoder, (train_x, train_y), (val_x, val_y), 4, args, device, rank, world)  # 3 vs 2 local steps
@@ -1329,7 +1360,9 @@ FT_CLI = ['--builtin_size', '64', '--batch_size', '16', '--epochs', '2', '--warm
 
 
 def finetune_run(*flags):
-    return finetune.main(finetune.get_args_parser().parse_args(list(map(str, flags))))
+    """finetune.py in-process with its laptop preset (built-in data) under the given flags."""
+    return finetune.main(common.parse_args(finetune.get_args_parser(), finetune.PRESETS,
+                                           ['--preset', 'laptop', *map(str, flags)]))
 
 
 def test_finetune_layer_decay_groups_follow_the_mae_rule():
@@ -1459,6 +1492,8 @@ def test_finetune_resume_after_an_epoch_equals_the_uninterrupted_run(pretrained,
     for k in a['model']:                                                 # RandAugment, erasing, Mixup, drop path
         assert torch.equal(a['model'][k], b['model'][k]), k
     assert full['top1'] == resumed['top1'] and read_log(tmp_path / 'full')[-1] == read_log(resumed_dir)[-1]
+    with pytest.raises(InputError, match='finished epoch 2 of --epochs 2'):   # nothing left: said, not skipped
+        finetune_run('--checkpoint', pretrained, '--output_dir', resumed_dir, '--resume', 'auto', *FT_CLI)
 
 
 FT_DDP_EVAL = '''
@@ -1517,9 +1552,10 @@ def test_finetune_bad_input_is_one_line(pretrained, shape_folders, tmp_path, mon
     flags = [f.format(tmp=tmp_path, folders=shape_folders) for f in flags]
     if '--checkpoint' not in flags:
         flags = ['--checkpoint', pretrained, *flags]
-    monkeypatch.setattr(sys, 'argv', ['finetune.py', *FT_CLI, '--output_dir', str(tmp_path / 'out'), *flags])
+    monkeypatch.setattr(sys, 'argv', ['finetune.py', '--preset', 'laptop', *FT_CLI, '--output_dir', str(tmp_path / 'out'),
+                                      *flags])
     with pytest.raises(SystemExit) as e:
-        common.run(finetune.main, finetune.get_args_parser())
+        common.run(finetune.main, finetune.get_args_parser(), finetune.PRESETS)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
 
@@ -1597,7 +1633,8 @@ def test_reproduce_claims_arithmetic():
 
 def test_reproduce_dry_run_and_bad_selection(tmp_path):
     proc = cli('reproduce.py', '--dry_run', '--output_dir', tmp_path)  # the default study, printed only
-    assert 'python mae_mff.py --model mae_vit_tiny_patch16 --depth 6' in proc.stdout
+    assert 'python mae_mff.py --model mae_vit_tiny_patch4 --depth 6' in proc.stdout
+    assert re.search(r'python probe.py .*--preset laptop', proc.stdout)  # the evaluations' built-in setting
     assert 'python probe.py' in proc.stdout and 'seed 2' in proc.stdout and not (tmp_path / 'laptop').exists()
     proc = cli('reproduce.py', '--only', 'probe,bogus', '--output_dir', tmp_path, check=False)
     lines = proc.stderr.strip().splitlines()
@@ -1713,8 +1750,9 @@ def analysis_run(tmp_path_factory):
     for script in ('pixmim_mff.py', 'pilamim.py'):
         module = importlib.import_module(script[:-3])
         args = module.get_args_parser().parse_args(METHOD_CLI)
+        module.resolve_recipe(args)
         torch.manual_seed(0)
-        save_checkpoint({'model': module.build_model(args).state_dict(), 'args': vars(args)},
+        save_checkpoint({'model': module.build_model(args).state_dict(), 'args': vars(args), 'script': script},
                         str(root / f'{script[:-3]}.pth'))
     return root
 
@@ -1752,7 +1790,7 @@ def test_frequency_entropy_hessian_reconstruct_run_end_to_end(analysis_run, tmp_
     assert len(hes['eigenvalues']) == 2 and all(len(e) == 2 and all(map(math.isfinite, e)) for e in hes['eigenvalues'])
     rec = analyze_cli('reconstruct', tmp_path, '--checkpoint', ckpt, analysis_run / 'pixmim_mff.pth',
                       analysis_run / 'pilamim.pth', '--num_images', 3)
-    assert [r['method'] for r in rec.values()] == ['mae', 'pixmim', 'pilamim']
+    assert [r['script'] for r in rec.values()] == ['mae_mff.py', 'pixmim_mff.py', 'pilamim.py']
     assert [len(r['columns']) for r in rec.values()] == [3, 4, 3]        # PixMIM adds its low-pass target
     for r in rec.values():
         assert Image.open(r['png']).size[1] > 3 * 96                    # three rows of upscaled images
@@ -1760,18 +1798,30 @@ def test_frequency_entropy_hessian_reconstruct_run_end_to_end(analysis_run, tmp_
         assert (tmp_path / f'{name}.png').exists()
 
 
+def test_records_of_earlier_versions_are_rebuilt(analysis_run, tmp_path):
+    ckpt = torch.load(analysis_run / 'mff' / 'checkpoint-last.pth', weights_only=True)
+    old = dict(ckpt, args=dict(ckpt['args'], model='mae_vit_tiny_patch16', patch_size=4))   # before issue 19
+    save_checkpoint(old, str(tmp_path / 'old.pth'))
+    model, train_args, script = analyze.pretraining_model(str(tmp_path / 'old.pth'))
+    assert model.patch_size == 4 and train_args.model == 'mae_vit_tiny_patch4' and script == 'mae_mff.py'
+
+
 @pytest.mark.parametrize('script', ['mae_mff.py', 'pixmim_mff.py', 'pilamim.py'])
 def test_rebuilt_loss_is_the_scripts_own_training_loss(analysis_run, script):
     path = analysis_run / ('mff/checkpoint-last.pth' if script == 'mae_mff.py' else f'{script[:-3]}.pth')
-    model, train_args, method = analyze.pretraining_model(str(path))
-    imgs = torch.randn(2, 3, 16, 16)
-    torch.manual_seed(1)
-    own = (pixmim_loss(model, imgs, 0.75, train_args.lpf_radius or 40 * 16 / 224) if script == 'pixmim_mff.py'
-           else model(imgs, 0.75)[0])                                    # the training loop's call
-    torch.manual_seed(1)
-    rebuilt = analyze.pretraining_loss(model, train_args, method, imgs, torch.rand(2, 16))[0]
-    assert method == {'mae_mff.py': 'mae', 'pixmim_mff.py': 'pixmim', 'pilamim.py': 'pilamim'}[script]
-    assert torch.allclose(own, rebuilt) and not model.training
+    model, train_args, recorded = analyze.pretraining_model(str(path))
+    assert recorded == script and not model.training
+    assert type(model).__name__ == {'mae_mff.py': 'MaskedAutoencoder', 'pixmim_mff.py': 'PixMIM',
+                                    'pilamim.py': 'PiLaMIM'}[script]
+    imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    out = model(imgs, train_args.mask_ratio, noise=noise)               # the contract: (loss, pred, mask, ...)
+    loss, pred, mask = out[:3]
+    target = low_freq_target(imgs, 40 * 16 / 224) if script == 'pixmim_mff.py' else imgs   # computed here
+    pixel = common.masked_mse(pred, common.pixel_targets(target, 4, train_args.norm_pix_loss), mask)
+    if script == 'pilamim.py':                                           # L_pixel + L_latent + L_cls
+        assert torch.allclose(out[3][0], pixel) and torch.allclose(loss, sum(out[3])) and loss > pixel
+    else:
+        assert torch.allclose(loss, pixel)
 
 
 def test_analyze_bad_input_is_one_line(analysis_run, tmp_path, monkeypatch, capsys):
@@ -1783,11 +1833,18 @@ def test_analyze_bad_input_is_one_line(analysis_run, tmp_path, monkeypatch, caps
                           timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert 'records no training args' in proc.stderr
+    recorded = torch.load(ckpt, weights_only=True)
+    save_checkpoint(dict(recorded, script='gone.py'), str(tmp_path / 'gone.pth'))
+    save_checkpoint({k: v for k, v in recorded.items() if k != 'script'}, str(tmp_path / 'unrecorded.pth'))
+    save_checkpoint(dict(recorded, script='finetune.py'), str(tmp_path / 'finetuned.pth'))
     (tmp_path / 'empty.jsonl').write_text('')
     (tmp_path / 'mae').mkdir()
     (tmp_path / 'mae' / 'log.jsonl').write_text(json.dumps({'epoch': 1, 'step': 4, 'fusion_weights': None}) + '\n')
     small = ['--builtin_size', 32]                                       # an evaluation split of 256 images
-    for command, flags, words in [('fusion', ['--log', tmp_path / 'empty.jsonl'], 'is empty'),
+    for command, flags, words in [('hessian', ['--checkpoint', tmp_path / 'gone.pth'], 'gone.py, which is not in'),
+                                  ('reconstruct', ['--checkpoint', tmp_path / 'unrecorded.pth'], 'records no script'),
+                                  ('hessian', ['--checkpoint', tmp_path / 'finetuned.pth'], 'no pre-training script'),
+                                  ('fusion', ['--log', tmp_path / 'empty.jsonl'], 'is empty'),
                                   ('fusion', ['--log', tmp_path / 'mae' / 'log.jsonl'], 'no fusion weights'),
                                   ('fusion', ['--log', tmp_path / 'missing.jsonl'], 'does not exist'),
                                   ('entropy', ['--checkpoint', ckpt, '--num_images', 257, *small], 'does not fit'),
@@ -1811,11 +1868,69 @@ def test_fusion_weight_curve_follows_the_per_run_log_policy(tmp_path):
     fusion, log = tmp_path / 'fusion_weights.jsonl', tmp_path / 'log.jsonl'
     fusion.write_text(''.join(json.dumps({'epoch': e, 'fusion_weights': [0.5, 0.5]}) + '\n' for e in (0.5, 1, 1.5, 2)))
     log.write_text(''.join(json.dumps({'epoch': e}) + '\n' for e in (1, 2)))
-    common.start_log(args, resumed_epoch=1)                              # resumed after epoch 1
+    extra = [mae_mff.FUSION_LOG]                                         # MFF's curve file, named by the script
+    common.start_log(args, resumed_epoch=1, extra_logs=extra)            # resumed after epoch 1
     assert [json.loads(x)['epoch'] for x in fusion.read_text().splitlines()] == [0.5, 1]
     assert [json.loads(x)['epoch'] for x in log.read_text().splitlines()] == [1]
-    common.start_log(args)                                               # a fresh run: both start empty
+    common.start_log(args, extra_logs=extra)                             # a fresh run: both start empty
     assert fusion.read_text() == '' and log.read_text() == ''
     fusion.unlink()
-    common.start_log(args)
+    common.start_log(args, extra_logs=extra)
     assert not fusion.exists()                                           # plain MAE leaves no empty curve file
+
+
+# ---------------------------------------------------------------------------------------------- COPYABLE SCRIPTS
+# A method file is copied into other projects: with common.py alone it runs, and a new method made by
+# copying a script is trained and analysed with its own loss, with no edit to any other file.
+
+def run_in(folder, *argv, timeout=300):
+    """`python *argv` in folder as its only source of modules (the repository is not on the path)."""
+    env = {k: v for k, v in ENV.items() if k != 'PYTHONPATH'}
+    proc = subprocess.run([sys.executable, *map(str, argv)], cwd=folder, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize('files', [['mae_mff.py'], ['pilamim.py'], ['pixmim_mff.py', 'mae_mff.py']])
+def test_a_method_file_copied_with_common_alone_runs_its_laptop_preset(tmp_path, files):
+    for name in files + ['common.py']:
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    run_in(tmp_path, files[0], '--preset', 'laptop', '--epochs', '1', '--builtin_size', '128', '--output_dir', 'out')
+    assert [r['epoch'] for r in read_log(tmp_path / 'out')] == [1]
+    assert torch.load(tmp_path / 'out' / 'checkpoint-1.pth', weights_only=True)['script'] == files[0]
+
+
+FLIPPED_TARGET_CHECK = '''
+import torch
+import analyze
+from common import masked_mse, pixel_targets
+model, args, script = analyze.pretraining_model('out/checkpoint-last.pth')
+assert script == 'mae_flip.py' and type(model).__module__ == 'mae_flip', (script, type(model).__module__)
+imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+loss, pred, mask = model(imgs, args.mask_ratio, noise=noise)
+assert torch.allclose(loss, masked_mse(pred, pixel_targets(imgs.flip(-1), 4, True), mask))    # its own target
+assert not torch.allclose(loss, masked_mse(pred, pixel_targets(imgs, 4, True), mask))
+for command in (['hessian', '--batches', '1', '--batch_size', '4', '--top_k', '1', '--max_iter', '2'],
+                ['reconstruct', '--num_images', '2']):
+    analyze.main(analyze.get_args_parser().parse_args([*command, '--checkpoint', 'out/checkpoint-last.pth',
+                                                       '--builtin_size', '32', '--labels', 'flip',
+                                                       '--num_workers', '0', '--output_dir', 'analysis']))
+'''
+
+
+def test_a_copied_script_with_another_target_trains_and_is_analysed_with_its_own_loss(tmp_path):
+    for name in ('common.py', 'mae_mff.py', 'analyze.py'):               # the project as it is, untouched
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    source = (tmp_path / 'mae_mff.py').read_text()
+    own = "MAE's is the input itself (PixMIM overrides this).\"\"\"\n        return imgs\n"
+    assert source.count(own) == 1
+    (tmp_path / 'mae_flip.py').write_text(source.replace(own, own.replace('return imgs', 'return imgs.flip(-1)')))
+    run_in(tmp_path, 'mae_flip.py', *METHOD_CLI, '--epochs', '1', '--output_dir', 'out')
+    assert torch.load(tmp_path / 'out' / 'checkpoint-last.pth', weights_only=True)['script'] == 'mae_flip.py'
+    (tmp_path / 'check.py').write_text(FLIPPED_TARGET_CHECK)
+    run_in(tmp_path, 'check.py')
+    hessian = json.load(open(tmp_path / 'analysis' / 'hessian.json'))['flip']
+    rec = json.load(open(tmp_path / 'analysis' / 'reconstruct.json'))['flip']
+    assert hessian['script'] == rec['script'] == 'mae_flip.py' and all(map(math.isfinite, hessian['eigenvalues'][0]))
+    assert rec['columns'][-1] == 'target'                                # the mirrored target, not the input
