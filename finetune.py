@@ -16,6 +16,7 @@ Sections: model -> loss/mixup -> data (low-shot subsets, evaluation sets) -> loo
 import argparse
 import json
 import os
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -27,7 +28,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from torchvision import datasets
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, InputError, LayerNorm, LossTracker, accuracy,
+from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, InputError, LossTracker, accuracy,
                     add_common_args, autocast, build_dataset, epochs, init_distributed, load_matching_state, load_rgb,
                     log_epoch, lr_at, make_loader, make_output_dir, no_sync_unless, progress, read_encoder,
                     remove_stale_temp_files, resume, resume_path, run, save_training_state, scale_lr, set_lr,
@@ -48,7 +49,8 @@ def vit_classifier(arch, num_classes, drop_path=0., cls_token=False, qkv_bias=Tr
     model = VisionTransformer(img_size=arch['img_size'], patch_size=arch['patch_size'], embed_dim=arch['embed_dim'],
                               depth=arch['depth'], num_heads=arch['num_heads'], mlp_ratio=arch['mlp_ratio'],
                               qkv_bias=qkv_bias, num_classes=num_classes, drop_path_rate=drop_path,
-                              global_pool='token' if cls_token else 'avg', norm_layer=LayerNorm)
+                              global_pool='token' if cls_token else 'avg',
+                              norm_layer=partial(nn.LayerNorm, eps=arch.get('norm_eps', 1e-6)))
     nn.init.trunc_normal_(model.head.weight, std=2e-5)                  # MAE: a near-zero head at start
     nn.init.zeros_(model.head.bias)
     return model
@@ -253,7 +255,7 @@ def main(args):
         raise InputError(f"--model '{args.model}' names no ViT size: use e.g. vit_base_patch16, or omit it")
     state, ckpt = None, {}
     if args.checkpoint:                                                  # architecture from the weights
-        state, arch, ckpt = read_encoder(args.checkpoint, args, check_input_size=False)
+        state, arch, ckpt, found = read_encoder(args.checkpoint, args, check_input_size=False)
         args.input_size = args.input_size or arch['img_size']
     else:                                                                # supervised baseline from scratch
         size, patch = size_of(args.model or ('vit_base_patch16' if args.data_path else 'vit_tiny_patch4'))
@@ -308,7 +310,8 @@ def main(args):
         if rank == 0:
             remove_stale_temp_files(args.output_dir)
             start_log(args, start_epoch if resumed else None)
-            print(f"{args.checkpoint or 'from scratch (supervised baseline, no --checkpoint)'}: ViT D={arch['embed_dim']} "
+            print(f"{f'{args.checkpoint} ({found})' if state is not None else 'from scratch (supervised baseline, no --checkpoint)'}: "
+                  f"ViT D={arch['embed_dim']} "
                   f"depth={arch['depth']} patch {arch['patch_size']} at {args.input_size}px, {result['pool']} pool, "
                   f'{len(train_set)} train images ({lo}-{hi} per class) / {len(val_set)} val, {num_classes} classes, '
                   f'effective batch {eff_batch}, lr {args.lr:.3g}, layer decay {args.layer_decay}, drop path '

@@ -284,7 +284,8 @@ def main(args):
     rank, world_size, device = init_distributed()
     args.world_size = world_size
     resolve_defaults(args)
-    encoder = load_encoder(args.checkpoint, args).to(device)
+    encoder, found = load_encoder(args.checkpoint, args)
+    encoder.to(device)
     if not -encoder.depth <= args.layer < encoder.depth:
         raise InputError(f'--layer {args.layer} does not exist in a {encoder.depth}-block encoder: '
                          f'use 0..{encoder.depth - 1}, or -1 for the last')
@@ -306,7 +307,7 @@ def main(args):
     train_src = loader(train_set, True) if args.aug else \
         extract(encoder, loader(train_set, False), args.pool, args.layer, norm, device, rank)
     if rank == 0:
-        print(f'{args.checkpoint}: ViT D={encoder.cls_token.shape[-1]} depth={encoder.depth} at {args.input_size}px, block '
+        print(f'{args.checkpoint} ({found}): ViT D={encoder.cls_token.shape[-1]} depth={encoder.depth} at {args.input_size}px, block '
               f'{args.layer}, pool {args.pool}, final norm {args.feature_norm}, {len(train_set)} train / '
               f'{len(val_set)} val images, {num_classes} classes, '
               f'{"re-encoding each batch" if args.aug else f"cached in {time.time() - start:.1f}s"}'
