@@ -449,7 +449,7 @@ def convert_checkpoint(ckpt, source):
                          f'{FORMATS}')
     recorded = ckpt.get('args')
     if 'script' in ckpt or isinstance(recorded, dict):                   # ours: the args are a dict
-        script = ckpt.get('script') or script_of(recorded) or 'our'
+        script = ckpt.get('script') or (script_of(recorded) if isinstance(recorded, dict) else None) or 'our'
         return {**ckpt, 'model': state}, f'{script} checkpoint, {vit_name(state)}'
     if 'model' in ckpt:
         kind = ('fine-tuned (fc_norm + head)' if 'head.weight' in state and 'norm.weight' not in state else

@@ -353,7 +353,8 @@ def get_args_parser():
         '--data_path), a few CPU minutes: 1024 images, 5 epochs, 1 warmup, blr 1e-2, layer decay 0.9, batch 32, '
         'crops >= 0.35, no RandAugment/erasing/Mixup/CutMix, no loader workers. Explicit flags win.'))
     a = p.add_argument
-    a('--checkpoint', default='', help='pre-training checkpoint (ours, official MAE, timm state dict); none = '
+    a('--checkpoint', default='', help='pre-training checkpoint (ours, official MAE, timm state dict, timm:NAME, OpenMMLab MAE / '
+      'MFF / PixMIM, PiLaMIM public code); none = '
       'train from scratch, the supervised baseline. With --eval: a fine-tuned checkpoint')
     a('--model', default='', help='from scratch: the ViT, e.g. vit_base_patch16 (default; vit_tiny_patch4 on '
       'built-in data); with --checkpoint only a check (the architecture is read from the weights)')

@@ -339,7 +339,8 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     a = p.add_argument
     a('--checkpoint', required=True,
-      help='our pre-training or finetune.py checkpoint, an official MAE .pth or a timm ViT state dict')
+      help='our pre-training or finetune.py checkpoint, an official MAE .pth, a timm ViT state dict, timm:NAME '
+           '(a timm hub ViT), an OpenMMLab MAE / MFF / PixMIM file or a PiLaMIM public-code state dict')
     a('--model', default='', help='only a check: the architecture is read from the checkpoint')
     a('--input_size', type=int, default=None, help='only a check; the pre-training size is used')
     a('--patch_size', type=int, default=None, help='only a check')

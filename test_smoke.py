@@ -2011,6 +2011,17 @@ def test_official_mae_finetuned_file_evaluates_and_probes(tmp_path):
     path = tmp_path / 'mae_finetuned_vit_tiny.pth'
     torch.save({'model': vit.state_dict()}, path)
     assert read_checkpoint(str(path))[1] == 'official MAE fine-tuned (fc_norm + head) checkpoint, ViT-T/4, 2 blocks at 32 px'
+    # The same classifier as an mmpretrain fine-tuned file (backbone ln2 = fc_norm, head.fc = head) reads back as it.
+    mm = {'backbone.patch_embed.projection.weight': vit.patch_embed.proj.weight,
+          'backbone.patch_embed.projection.bias': vit.patch_embed.proj.bias, 'backbone.cls_token': vit.cls_token,
+          'backbone.pos_embed': vit.pos_embed, 'backbone.ln2.weight': vit.fc_norm.weight,
+          'backbone.ln2.bias': vit.fc_norm.bias, 'head.fc.weight': vit.head.weight, 'head.fc.bias': vit.head.bias,
+          **{k: v for i, blk in enumerate(vit.blocks) for k, v in mm_block(f'backbone.layers.{i}', blk).items()}}
+    torch.save({'state_dict': mm, 'meta': {}}, tmp_path / 'mm_finetuned.pth')
+    ckpt, found = read_checkpoint(str(tmp_path / 'mm_finetuned.pth'))
+    assert found == 'OpenMMLab MAE fine-tuned checkpoint, ViT-T/4, 2 blocks at 32 px'
+    assert ckpt['model'].keys() == vit.state_dict().keys()
+    assert all(torch.equal(ckpt['model'][k], v) for k, v in vit.state_dict().items())
     result = finetune_run('--eval', '--checkpoint', path, '--output_dir', tmp_path, *FT_CLI, '--builtin_size', '256')
     val = common.build_dataset(argparse.Namespace(data_path='', builtin_size=256, input_size=32, builtin_label='shape',
                                                   seed=0), 'val', eval_transform(32))
