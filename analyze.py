@@ -11,9 +11,10 @@ Each command writes <output_dir>/<command>.json and a PNG figure (matplotlib is 
 it the JSON is still written). frequency and entropy read the encoder of any checkpoint format
 common.read_checkpoint knows (ours, official MAE, timm, OpenMMLab, PiLaMIM's public code); hessian,
 reconstruct and fusion --checkpoint rebuild the whole pre-training model and its loss from the `args`
-a checkpoint records (or that the conversion of an OpenMMLab pre-training file fills in). Images: the first --num_images of the evaluation split in
-order (val/ of --data_path, or the built-in shapes) with the evaluation transform, so every
-checkpoint sees the same images; hessian uses augmented training batches, as Park & Kim advise.
+a checkpoint records (or that the conversion of an OpenMMLab pre-training file fills in). Images:
+the first --num_images of the evaluation split in order (val/ of --data_path, or the built-in shapes)
+with the evaluation transform, so every checkpoint sees the same images; hessian uses augmented
+training batches, as Park & Kim advise.
 """
 import argparse
 import itertools

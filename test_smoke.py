@@ -1915,7 +1915,8 @@ def released(tmp_path_factory):
     low_pass = (i[:, None] ** 2 + i[None, :] ** 2 <= radius ** 2).float()  # mmselfsup's ideal low-pass mask
     torch.save({'meta': {'epoch': 800}, 'state_dict': {**openmmlab_state_dict(pixmim),
                                                        'target_generator.low_pass_filter': low_pass},
-                'message_hub': {'log_scalars': {'train/loss': HistoryBuffer()}}, 'param_schedulers': [{'last_step': 5}]},
+                'message_hub': {'log_scalars': {'train/loss': HistoryBuffer()}},
+                'param_schedulers': [{'last_step': 5}]},
                root / 'pixmim_mm.pth')
 
     pila = PublicPiLaMIMEncoder().eval()
@@ -2010,7 +2011,8 @@ def test_official_mae_finetuned_file_evaluates_and_probes(tmp_path):
     assert 'norm.weight' not in vit.state_dict()                         # fc_norm + head, no norm
     path = tmp_path / 'mae_finetuned_vit_tiny.pth'
     torch.save({'model': vit.state_dict()}, path)
-    assert read_checkpoint(str(path))[1] == 'official MAE fine-tuned (fc_norm + head) checkpoint, ViT-T/4, 2 blocks at 32 px'
+    assert read_checkpoint(str(path))[1] == ('official MAE fine-tuned (fc_norm + head) checkpoint, ViT-T/4, '
+                                             '2 blocks at 32 px')
     # The same classifier as an mmpretrain fine-tuned file (backbone ln2 = fc_norm, head.fc = head) reads back as it.
     mm = {'backbone.patch_embed.projection.weight': vit.patch_embed.proj.weight,
           'backbone.patch_embed.projection.bias': vit.patch_embed.proj.bias, 'backbone.cls_token': vit.cls_token,
@@ -2056,7 +2058,8 @@ def test_timm_hub_name_reads_the_model_and_offline_names_the_cache(tmp_path, mon
     # Offline, with empty caches: one line naming the cache it looked in (HF_HUB_OFFLINE: no download is tried).
     env = {**ENV, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf'), 'TORCH_HOME': str(tmp_path / 'torch')}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, 'probe.py'), '--checkpoint', f'timm:{name}', '--knn',
-                           '--output_dir', str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+                           '--output_dir', str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=env)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert f'not in the Hugging Face cache {tmp_path / "hf" / "hub"}' in lines[0] and 'timm:' + name in lines[0]
