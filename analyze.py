@@ -4,17 +4,20 @@
     python analyze.py entropy     --checkpoint A.pth [B.pth ...]       # "Beyond [cls]" attention entropy
     python analyze.py hessian     --checkpoint A.pth [B.pth ...] --batches 8 --top_k 5   # MFF Fig. 5
     python analyze.py fusion      --log RUN/log.jsonl [RUN2/log.jsonl ...]             # MFF Figs. 1, 6, 8
+    python analyze.py fusion      --checkpoint A.pth [B.pth ...]       # learned weights (released MFF too)
     python analyze.py reconstruct --checkpoint A.pth [B.pth ...]       # MAE-style reconstructions
 
 Each command writes <output_dir>/<command>.json and a PNG figure (matplotlib is optional: without
-it the JSON is still written). frequency and entropy read the encoder of any checkpoint (ours,
-official MAE, timm); hessian and reconstruct rebuild the whole pre-training model and its loss
-from the checkpoint's record: the `script` that wrote it (imported from this folder, so a new
-method's script works without an edit here) and the `args` it trained with, through the contract
-of common.py (get_args_parser, resolve_recipe, build_model; forward -> (loss, pred, mask, ...),
-reconstruction_target). Images: the first --num_images of the evaluation split in
-order (val/ of --data_path, or the built-in shapes) with the evaluation transform, so every
-checkpoint sees the same images; hessian uses augmented training batches, as Park & Kim advise.
+it the JSON is still written). frequency and entropy read the encoder of any checkpoint format
+common.read_checkpoint knows (ours, official MAE, timm, OpenMMLab, PiLaMIM's public code); hessian,
+reconstruct and fusion --checkpoint rebuild the whole pre-training model and its loss from the
+checkpoint's record: the `script` that wrote it (imported from this folder, so a new method's script
+works without an edit here) and the `args` it trained with (or those the conversion of an OpenMMLab
+pre-training file fills in), through the contract of common.py (get_args_parser, resolve_recipe,
+build_model; forward -> (loss, pred, mask, ...), reconstruction_target). Images: the first
+--num_images of the evaluation split in order (val/ of --data_path, or the built-in shapes) with the
+evaluation transform, so every checkpoint sees the same images; hessian uses augmented training
+batches, as Park & Kim advise.
 """
 import argparse
 import importlib.util
@@ -30,8 +33,8 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.utils import make_grid, save_image
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, InputError, attention_entropy, autocast, build_dataset,
-                    eval_transform, hessian_top_eigenvalues, load_checkpoint, load_encoder, load_matching_state,
-                    patchify, progress, relative_log_amplitude, run, train_transform, unpatchify)
+                    eval_transform, hessian_top_eigenvalues, load_encoder, load_matching_state, patchify, progress,
+                    read_checkpoint, relative_log_amplitude, run, train_transform, unpatchify)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -52,8 +55,10 @@ def labelled(paths, labels):
 
 def encoder_of(path, args):
     """Frozen encoder of any checkpoint; the architecture is read from its weights (probe.py's loader)."""
-    return load_encoder(path, argparse.Namespace(model=None, patch_size=None, input_size=None,
-                                                       num_heads=args.num_heads))
+    encoder, found = load_encoder(path, argparse.Namespace(model=None, patch_size=None, input_size=None,
+                                                          num_heads=args.num_heads))
+    print(f'{path}: {found}')
+    return encoder
 
 
 def current_record(ckpt):
@@ -91,11 +96,14 @@ def pretraining_model(path):
     The checkpoint's 'script' names the file whose build_model makes the model; its recorded 'args'
     over that script's argparse defaults are the flags (resolve_recipe fills in what it resolves).
     """
-    ckpt = current_record(load_checkpoint(path))
+    ckpt, found = read_checkpoint(path)                                 # any format, in our own form
+    print(f'{path}: {found}')
+    ckpt = current_record(ckpt)
     recorded, script = ckpt.get('args'), ckpt.get('script')
     if not isinstance(recorded, dict) or not isinstance(ckpt.get('model'), dict):
-        raise InputError(f'{path} records no training args, and the pre-training model and loss are rebuilt from '
-                         'them: pass a checkpoint written by mae_mff.py, pixmim_mff.py, pilamim.py or a copy of one')
+        raise InputError(f'{path} ({found}) records no training args, and the pre-training model and loss are '
+                         'rebuilt from them: pass a checkpoint written by mae_mff.py, pixmim_mff.py, pilamim.py or a '
+                         'copy of one, or an OpenMMLab MAE / MFF / PixMIM pre-training file')
     if not isinstance(script, str):
         raise InputError(f'{path} records no script, and the pre-training model and loss are rebuilt from it: pass '
                          'a checkpoint written by a pre-training script of this project (they record their name)')
@@ -315,8 +323,18 @@ def fusion_curve(path):
 
 
 def fusion(args):
+    """Weights against training progress from pre-training logs, or the learned weights of checkpoints
+    (released OpenMMLab MFF files too: paper Fig. 6)."""
     results = {}
-    for path, label in labelled(args.log, args.labels):
+    for path, label in labelled(args.log or args.checkpoint, args.labels):
+        if args.checkpoint:
+            model = pretraining_model(path)[0]
+            if model.fusion_weights() is None:
+                raise InputError(f'{path} has no weighted fusion (MFF off, or attention fusion): it has no weights '
+                                 'to show; pass an MFF checkpoint')
+            results[label] = {'checkpoint': path, 'levels': model.mff_layers, 'fusion_weights': model.fusion_weights()}
+            print(f'{label}: fusion weights {model.fusion_weights()} on blocks {model.mff_layers}')
+            continue
         source, records = fusion_curve(path)
         levels = records[-1].get('levels') or list(range(len(records[-1]['fusion_weights'])))
         results[label] = {'log': source, 'levels': levels, 'epoch': [r['epoch'] for r in records],
@@ -330,6 +348,11 @@ def fusion(args):
 def draw_fusion(plt, results):
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3), squeeze=False)
     for ax, (label, r) in zip(axes[0], results.items()):
+        if 'checkpoint' in r:                                            # one checkpoint: a bar per level
+            ax.bar([f'block {level}' for level in r['levels']], r['fusion_weights'])
+            ax.set(title=label, ylabel='fusion weight (softmax)')
+            ax.tick_params(axis='x', labelsize=6)
+            continue
         weights = list(zip(*r['fusion_weights']))                        # per level
         for i, (level, w) in enumerate(zip(r['levels'], weights)):
             ax.plot(r['epoch'], w, color=plt.cm.viridis(i / max(len(weights) - 1, 1)), label=f'block {level}')
@@ -422,7 +445,10 @@ def get_args_parser():
     s.add_argument('--tol', type=float, default=1e-3, help="relative change that ends the iteration (PyHessian's)")
     s.set_defaults(batch_size=32)
     s = sub.add_parser('fusion', parents=[shared], help='fusion weights against training progress (MFF Figs. 1, 6, 8)')
-    s.add_argument('--log', nargs='+', required=True, help='<output_dir>/log.jsonl of MFF pre-training runs')
+    source = s.add_mutually_exclusive_group(required=True)
+    source.add_argument('--log', nargs='+', help='<output_dir>/log.jsonl of MFF pre-training runs')
+    source.add_argument('--checkpoint', nargs='+', help='MFF pre-training checkpoints (ours or OpenMMLab): their '
+                        'learned weights')
     return p
 
 

@@ -176,7 +176,7 @@ class ViTEncoder(nn.Module):
     """Pre-norm ViT with a [cls] token and a fixed sin-cos position embedding (timm key names)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24,
-                 num_heads=16, mlp_ratio=4., drop_path_rate=0., qkv_bias=True):
+                 num_heads=16, mlp_ratio=4., drop_path_rate=0., qkv_bias=True, norm_eps=1e-6):
         super().__init__()
         if img_size % patch_size:
             raise InputError(f'image size {img_size} is not divisible by patch size {patch_size}: '
@@ -189,11 +189,13 @@ class ViTEncoder(nn.Module):
         grid = img_size // patch_size
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim, grid)[None], requires_grad=False)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()          # stochastic depth (fine-tune)
+        # eps 1e-6 as MAE; the weights of PiLaMIM's public code need its 1e-5 (read_architecture says which).
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         # timm's Block runs attention through F.scaled_dot_product_attention (flash / mem-efficient).
         self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], norm_layer=LayerNorm)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], norm_layer=norm_layer)
             for i in range(depth)])
-        self.norm = LayerNorm(embed_dim)
+        self.norm = norm_layer(embed_dim)
         self.apply(init_weights)
         w = self.patch_embed.proj.weight.data                            # xavier on the (out, in*k*k) view
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -244,8 +246,11 @@ def load_matching_state(module, state_dict, source, strict=True):
     return missing, unexpected
 
 
-# Reading the encoder of any checkpoint (probe.py, finetune.py): ours ({'model', 'args', ...}), official MAE
-# ({'model'}), or a bare timm ViT state dict.
+# Reading the encoder of any checkpoint (probe.py, finetune.py, analyze.py). Each format the weights
+# were released in is recognised from its keys and converted to our own form (convert_checkpoint): our
+# checkpoints ({'model', 'args', 'script', ...}), official MAE ({'model'}), bare timm ViT state dicts,
+# `timm:NAME` hub models, OpenMMLab files (mmpretrain MAE / MFF, mmselfsup MAE / PixMIM) and PiLaMIM's
+# public code. SPEC.md section 7 holds the facts of each format.
 
 def size_of(model_name):
     """'mae_vit_tiny_patch4' -> ('tiny', 4); any script's '<x>_vit_<size>_patch<p>' name works, else (None, None).
@@ -271,36 +276,256 @@ def vit_arch(model_name, depth=None):
     return arch
 
 
+def size_of_width(dim):
+    """Standard ViT size of an embedding width (192 -> 'tiny'), or None."""
+    return next((s for s, v in VIT_SIZES.items() if v['embed_dim'] == dim), None)
+
+
+def vit_name(state):
+    """'ViT-B/16' for a standard encoder in timm names; width, depth and size spelled out otherwise."""
+    dim, patch = state['cls_token'].shape[-1], state['patch_embed.proj.weight'].shape[-1]
+    depth = 1 + max((int(k.split('.')[1]) for k in state if k.startswith('blocks.')), default=-1)
+    img = math.isqrt(state['pos_embed'].shape[1] - 1) * patch
+    size = size_of_width(dim)
+    name = f'ViT-{size[0].upper()}/{patch}' if size else f'ViT D={dim}, patch {patch}'
+    if size and depth != VIT_SIZES[size]['depth']:
+        name += f', {depth} blocks'
+    return name + ('' if img == 224 else f' at {img} px')
+
+
+# OpenMMLab names -> ours (mae_mff.MaskedAutoencoder = timm names + mff.* + the MAE decoder). Each rule
+# matches the START of a key; `backbone.layers.` must not match `backbone.proj_layers.` (MFF).
+_OPENMMLAB_BLOCK = (('ln1.', 'norm1.'), ('ln2.', 'norm2.'), ('attn.qkv.', 'attn.qkv.'), ('attn.proj.', 'attn.proj.'),
+                    ('ffn.layers.0.0.', 'mlp.fc1.'), ('ffn.layers.1.', 'mlp.fc2.'))
+OPENMMLAB_NAMES = [
+    (r'backbone\.patch_embed\.projection\.', 'patch_embed.proj.'),
+    (r'backbone\.(cls_token|pos_embed)$', r'\1'),                       # pos_embed copied as stored
+    *[(rf'backbone\.layers\.(\d+)\.{re.escape(a)}', rf'blocks.\1.{b}') for a, b in _OPENMMLAB_BLOCK],
+    (r'backbone\.ln1\.', 'norm.'),                                       # pre-training: the final norm
+    (r'backbone\.ln2\.', 'fc_norm.'),                                    # fine-tuned: the norm after pooling
+    (r'backbone\.proj_layers\.(\d+)\.', r'mff.proj.\1.'),                # MFF: Linear per shallow level
+    (r'backbone\.proj_weights$', 'mff.fusion_logits'),                   # MFF: (levels, 1, 1, 1) -> (levels,)
+    (r'neck\.(decoder_embed\.|mask_token$|decoder_pos_embed$|decoder_pred\.)', r'\1'),
+    *[(rf'neck\.decoder_blocks\.(\d+)\.{re.escape(a)}', rf'decoder_blocks.\1.{b}') for a, b in _OPENMMLAB_BLOCK],
+    (r'neck\.ln1\.', 'decoder_norm.'),
+    (r'head\.fc\.', 'head.'),                                            # fine-tuned classifier
+]
+OPENMMLAB_IGNORED = ('target_generator.', 'data_preprocessor.')         # PixMIM's filter is read, not loaded
+
+
+def rename(key, rules):
+    """First rule whose pattern matches the start of key -> the renamed key, or None."""
+    for pattern, new in rules:
+        m = re.match(pattern, key)
+        if m:
+            return m.expand(new) + key[m.end():]
+    return None
+
+
+def low_pass_radius(mask):
+    """PixMIM's ideal low-pass mask (H, W), 1 inside (i - (H-1)/2)^2 + (j - (W-1)/2)^2 <= r^2 -> the roundest r
+    that gives the same mask (40.0 for mmselfsup's 224 px filter)."""
+    H, W = mask.shape[-2:]
+    i, j = torch.arange(H, dtype=torch.float64) - (H - 1) / 2, torch.arange(W, dtype=torch.float64) - (W - 1) / 2
+    d2 = i[:, None] ** 2 + j[None, :] ** 2
+    inside = mask.reshape(H, W) > 0.5
+    lo, hi = d2[inside].max().item(), d2[~inside].min().item() if (~inside).any() else math.inf
+    if not lo < hi:
+        raise InputError('target_generator.low_pass_filter is no circular low-pass mask: the file is damaged')
+    mid = ((lo + hi) / 2) ** .5 if math.isfinite(hi) else lo ** .5 + 1   # between the last kept, first dropped
+    return next(r for r in (*(round(mid, d) for d in (0, 1, 2, 3)), mid) if lo <= r * r < hi)
+
+
+def openmmlab_levels(meta, count, depth):
+    """MFF's fused blocks (the config's out_indices) -> (blocks, where they were read). Not in the weights:
+    mmengine records the config text in meta['cfg']; without it, SPEC section 2's paper set for 6 levels."""
+    cfg = meta.get('cfg') if isinstance(meta, dict) else None
+    m = re.search(r'out_indices[\'"]?\s*[=:]\s*\[([\d,\s]+)\]', cfg) if isinstance(cfg, str) else None
+    if m and len(levels := [int(v) for v in m.group(1).split(',') if v.strip()]) == count:
+        return levels, 'levels from its config'
+    if count == 6:                                                       # = mae_mff.paper_mff_layers(depth)
+        return sorted({(i * (depth - 1)) // 5 for i in range(5)} | {depth - 1}), 'paper levels (no config in the file)'
+    raise InputError(f'this MFF file fuses {count} levels and records no config that says which blocks: '
+                     'resave it with its meta (mmengine writes meta["cfg"]) or convert it by hand')
+
+
+def convert_openmmlab(state, meta, source):
+    """OpenMMLab state dict -> (our checkpoint, description). Pre-training files (with `neck.`) become a
+    mae_mff.py / pixmim_mff.py pre-training checkpoint that analyze.py rebuilds; others hold the encoder."""
+    model, unknown = {}, []
+    for k, v in state.items():
+        new = rename(k, OPENMMLAB_NAMES)
+        if new is None and not k.startswith(OPENMMLAB_IGNORED):
+            unknown.append(k)
+        elif new is not None:
+            model[new] = v.reshape(-1) if new == 'mff.fusion_logits' else v
+    if unknown:
+        raise InputError(f'{source} is an OpenMMLab checkpoint with parts this project cannot map ({unknown[:3]}): '
+                         'only MAE / MFF / PixMIM ViTs (timm-style blocks, no layer scale) convert')
+    if not {'cls_token', 'pos_embed', 'patch_embed.proj.weight'} <= set(model):
+        raise InputError(f'{source} is an OpenMMLab checkpoint without a ViT backbone with a [cls] token: '
+                         'pass an MAE, MFF or PixMIM one')
+    pixmim = 'target_generator.low_pass_filter' in state
+    levels = len(model.get('mff.fusion_logits', ()))
+    kind = ('fine-tuned' if 'head.weight' in model else 'pre-training' if 'decoder_embed.weight' in model
+            else 'encoder')
+    found = (f'OpenMMLab {"PixMIM" if pixmim else "MFF" if levels else "MAE"} {kind} checkpoint, '
+             f'{vit_name(model)}' + (f', {levels} fusion levels' if levels else ''))
+    if kind != 'pre-training':
+        return {'model': model}, found
+    dim, patch = model['cls_token'].shape[-1], model['patch_embed.proj.weight'].shape[-1]
+    depth = 1 + max(int(k.split('.')[1]) for k in model if k.startswith('blocks.'))
+    size = size_of_width(dim)
+    if size is None:
+        raise InputError(f'{source} has width {dim}, no standard ViT size, so mae_mff.py cannot rebuild it: '
+                         'probe.py and finetune.py still read its encoder')
+    # What the weights cannot say, from the OpenMMLab configs: norm_pix on, 16 decoder heads, mask ratio
+    # 0.75, the simple crop for MFF and PixMIM (RandomResizedCrop for MAE), mmpretrain's weight-decay rule.
+    args = dict(model=f'mae_vit_{size}_patch{patch}', depth=depth,                           # a --model name
+                input_size=math.isqrt(model['pos_embed'].shape[1] - 1) * patch,
+                decoder_embed_dim=model['decoder_embed.weight'].shape[0],
+                decoder_depth=1 + max(int(k.split('.')[1]) for k in model if k.startswith('decoder_blocks.')),
+                decoder_num_heads=16, norm_pix_loss=True, mask_ratio=0.75, mff_layers='none', mff_proj='linear',
+                mff_fusion='weighted', mff_detach=False, crop='simple' if levels or pixmim else 'rrc',
+                wd_rule='mmpretrain')
+    if levels:
+        blocks, where = openmmlab_levels(meta, levels, depth)
+        args['mff_layers'] = ','.join(map(str, blocks))
+        found += f' (blocks {blocks}: {where})'
+    if pixmim:
+        args['lpf_radius'] = low_pass_radius(state['target_generator.low_pass_filter'])
+        found += f', low-pass radius {args["lpf_radius"]:g} px'
+    return {'model': model, 'args': args, 'script': 'pixmim_mff.py' if pixmim else 'mae_mff.py'}, found
+
+
+def convert_pilamim_public(state, source):
+    """PiLaMIM's public pretrain.py state dict -> (our pilamim.py names for both encoders, description).
+
+    Its encoders keep their position table as (L, 1, D) without a cls row (the cls token gets no position):
+    (1, 1 + L, D) with a zero cls row is the same thing here. Its LayerNorms have eps 1e-5 (timm Block's
+    default), which is not in the weights: recorded as args['norm_eps'], which read_architecture passes on.
+    """
+    rules = [(r'patchify\.', 'patch_embed.proj.'), (r'transformer\.(\d+)\.', r'blocks.\1.'),
+             (r'layer_norm\.', 'norm.'), (r'(cls_token|pos_embedding)$', r'\1')]
+    model = {}
+    for prefix, ours in (('encoder.', ''), ('target_encoder.', 'target_encoder.')):
+        for k, v in state.items():
+            if not k.startswith(prefix):
+                continue
+            new = rename(k[len(prefix):], rules)
+            if new is None:
+                raise InputError(f'{source} looks like a PiLaMIM public-code state dict but {k} has no counterpart '
+                                 'in a timm ViT: only their ViT encoders convert')
+            if new == 'pos_embedding':                                   # (L, 1, D) -> (1, 1 + L, D)
+                new, v = 'pos_embed', torch.cat([torch.zeros(1, v.shape[-1], dtype=v.dtype), v[:, 0]])[None]
+            model[ours + new] = v
+    dropped = sorted({k.split('.')[0] for k in state if not k.startswith(('encoder.', 'target_encoder.'))})
+    found = (f'PiLaMIM public-code state dict, {vit_name(model)}, context encoder + EMA target encoder, '
+             f'LayerNorm eps 1e-5' + (f' (not converted: {", ".join(dropped)})' if dropped else ''))
+    return {'model': model, 'args': {'norm_eps': 1e-5}}, found
+
+
+TIMM_VIT_KEYS = re.compile(r'(patch_embed\.proj|norm|fc_norm|head)\.(weight|bias)$|cls_token$|pos_embed$|'
+                           r'blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$')
+
+
+def timm_checkpoint(name):
+    """`timm:NAME` -> (our checkpoint, description): timm.create_model(NAME, pretrained=True), read from the
+    hub cache or fetched where the hub is reachable. Only plain ViTs with a [cls] token fit ViTEncoder."""
+    import timm
+    from huggingface_hub.constants import HF_HUB_CACHE
+    if not timm.is_model(name):
+        raise InputError(f"timm knows no model '{name}': pick one of timm.list_models('vit_*', pretrained=True), "
+                         'e.g. timm:vit_base_patch16_224.mae')
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except RuntimeError as e:                                            # e.g. a tag without weights
+        raise InputError(f'timm has no weights for {name} ({e}): list them with '
+                         f"timm.list_models('{name.split('.')[0]}*', pretrained=True)") from None
+    except OSError as e:
+        raise InputError(f'cannot get the weights of timm:{name} ({type(e).__name__}): they are not in the Hugging '
+                         f'Face cache {HF_HUB_CACHE} nor the torch hub cache {torch.hub.get_dir()}, and the hub is '
+                         'out of reach: run once where it is reachable (the weights are then cached), or pass a '
+                         'saved state dict') from None
+    state = model.state_dict()
+    extra = [k for k in state if not TIMM_VIT_KEYS.match(k)]
+    if extra or getattr(model, 'no_embed_class', False) or 'cls_token' not in state:
+        raise InputError(f'timm:{name} is no plain ViT with a [cls] token ({(extra or ["no cls position"])[:3]}): '
+                         'pick a ViT such as timm:vit_base_patch16_224.mae')
+    return ({'model': state, 'args': {'norm_eps': model.blocks[0].norm1.eps}},
+            f'timm hub model {name}, {vit_name(state)}')
+
+
+FORMATS = ("ours (mae_mff.py, pixmim_mff.py, pilamim.py, finetune.py), official MAE {'model': ...}, a bare timm ViT "
+           "state dict, timm:NAME, OpenMMLab {'state_dict': ...} (mmpretrain MAE / MFF, mmselfsup MAE / PixMIM), "
+           "PiLaMIM's public pretrain.py state dict")
+
+
+def convert_checkpoint(ckpt, source):
+    """A loaded checkpoint of any known format -> (the same in our own form, a one-line description of it).
+
+    Our form: {'model': state dict in timm / mae_mff.py / pilamim.py names, 'args': recorded flags (if
+    known), 'script': ...}: our checkpoints pass unchanged; official MAE ones too (already in timm names).
+    """
+    state = ckpt.get('state_dict', ckpt.get('model', ckpt))
+    state = state if isinstance(state, dict) else {}
+    if state and all(k.startswith('module.') for k in state):           # saved from the DDP wrapper
+        state = {k[len('module.'):]: v for k, v in state.items()}
+    if 'backbone.patch_embed.projection.weight' in state:
+        return convert_openmmlab(state, ckpt.get('meta'), source)
+    if 'encoder.patchify.weight' in state and 'encoder.transformer.0.attn.qkv.weight' in state:
+        return convert_pilamim_public(state, source)
+    if not {'patch_embed.proj.weight', 'cls_token', 'pos_embed'} <= set(state):
+        raise InputError(f'{source} is in no format this project reads (first keys {list(state)[:4]}): it reads '
+                         f'{FORMATS}')
+    recorded = ckpt.get('args')
+    if 'script' in ckpt or isinstance(recorded, dict):                   # ours: the args are a dict
+        script = ckpt.get('script') or 'our'
+        return {**ckpt, 'model': state}, f'{script} checkpoint, {vit_name(state)}'
+    if 'model' in ckpt:
+        kind = ('fine-tuned (fc_norm + head)' if 'head.weight' in state and 'norm.weight' not in state else
+                'pre-training' + (' with decoder' if 'decoder_embed.weight' in state else ''))
+        return {**ckpt, 'model': state}, f'official MAE {kind} checkpoint, {vit_name(state)}'
+    return {'model': state}, f'timm ViT state dict, {vit_name(state)}'
+
+
+def read_checkpoint(path, flag='--checkpoint'):
+    """A file of any known format, or `timm:NAME` -> (checkpoint in our own form, description)."""
+    if path.startswith('timm:'):
+        return timm_checkpoint(path[len('timm:'):])
+    return convert_checkpoint(load_checkpoint(path, flag), path)
+
+
 def read_architecture(state, recorded, num_heads_flag):
-    """Shapes in the weights are the truth; only num_heads (it has no shape) needs a name or a flag."""
+    """Shapes in the weights are the truth; num_heads (it has no shape) needs a name or a flag, and the
+    LayerNorm eps comes from the format (recorded as 'norm_eps' where it is not MAE's 1e-6)."""
     dim = state['cls_token'].shape[-1]
     depth = 1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.'))
     patch = state['patch_embed.proj.weight'].shape[-1]
     grid = math.isqrt(state['pos_embed'].shape[1] - 1)                   # pos_embed (1, 1 + g*g, D)
-    size = size_of(recorded.get('model'))[0] or next((s for s, v in VIT_SIZES.items() if v['embed_dim'] == dim), None)
+    size = size_of(recorded.get('model'))[0] or size_of_width(dim)
     heads = VIT_SIZES[size]['num_heads'] if size else num_heads_flag
     if heads is None:
         raise InputError(f'width {dim} is no standard ViT size, so the number of heads is unknown: pass --num_heads')
     return dict(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
                 mlp_ratio=state['blocks.0.mlp.fc1.weight'].shape[0] / dim,
-                qkv_bias='blocks.0.attn.qkv.bias' in state)               # PiLaMIM's blocks have none
+                qkv_bias='blocks.0.attn.qkv.bias' in state,               # PiLaMIM's blocks have none
+                norm_eps=recorded.get('norm_eps', 1e-6))
 
 
 def read_encoder(path, args, check_input_size=True):
-    """-> (encoder state dict, architecture, whole checkpoint). Flags that contradict the weights are an error.
+    """-> (encoder state dict, architecture, whole checkpoint in our form, what the file is). Flags that
+    contradict the weights are an error.
 
     --model/--patch_size/--num_heads (and --input_size, unless the caller resizes to it) are only checks.
     """
-    ckpt = load_checkpoint(path)
-    full = ckpt['model'] if isinstance(ckpt.get('model'), dict) else ckpt     # ours/official, or timm's bare dict
+    ckpt, found = read_checkpoint(path)
+    full = ckpt['model']
     state = encoder_state_dict(full)                 # context encoder for PiLaMIM; drops decoder, MFF, head
     if 'norm.weight' not in state and 'fc_norm.weight' in full:
         # finetune.py (timm, global_pool='avg') keeps its final norm after pooling as fc_norm; as the encoder's
         # norm it makes probe.py's `mean` pooling, norm(mean(patch tokens)), the fine-tuned model's own feature
         state.update({'norm.weight': full['fc_norm.weight'], 'norm.bias': full['fc_norm.bias']})
-    if 'cls_token' not in state or 'patch_embed.proj.weight' not in state or 'pos_embed' not in state:
-        raise InputError(f'{path} holds no ViT encoder with a [cls] token (patch_embed.*, cls_token, pos_embed, '
-                         'blocks.*): pass a checkpoint of our scripts, an official MAE one or a timm ViT state dict')
     recorded = ckpt['args'] if isinstance(ckpt.get('args'), dict) else {}
     arch = read_architecture(state, recorded, args.num_heads)
     wanted = {}
@@ -316,15 +541,15 @@ def read_encoder(path, args, check_input_size=True):
     if clash:
         raise InputError(f'{path} was made for another architecture ({", ".join(clash)}): drop --model/--input_size/'
                          '--patch_size/--num_heads (they are read from the checkpoint) or pass the right checkpoint')
-    return state, arch, ckpt
+    return state, arch, ckpt, found
 
 
 def load_encoder(path, args):
-    """-> frozen ViTEncoder in eval mode (probing). The weights are never partly loaded."""
-    state, arch, _ = read_encoder(path, args)
+    """-> (frozen ViTEncoder in eval mode (probing), what the file is). The weights are never partly loaded."""
+    state, arch, _, found = read_encoder(path, args)
     encoder = ViTEncoder(**arch)
     load_matching_state(encoder, state, path)                             # strict: every encoder key
-    return encoder.requires_grad_(False).eval()
+    return encoder.requires_grad_(False).eval(), found
 
 
 # ----------------------------------------------------------------------------------------------
@@ -712,18 +937,51 @@ def pid_alive(pid):
     return True
 
 
+def opaque_class(name):
+    """Stand-in for a class a checkpoint pickles beside its tensors (mmengine's MessageHub buffers, numpy
+    scalars in OpenMMLab's `meta`): it runs none of that class's code, so loading stays as safe as weights_only."""
+    class Opaque:
+        def __init__(self, *args, **kwargs):
+            self.args = args
+
+        def __setstate__(self, state):
+            self.state = state
+    Opaque.__name__ = Opaque.__qualname__ = name
+    return Opaque
+
+
 def load_checkpoint(path, flag='--checkpoint'):
-    """torch.load with one-line errors that point at `flag`, the option that named the file."""
+    """torch.load(weights_only=True) with one-line errors that point at `flag`, the option that named the file.
+
+    Objects other than tensors and containers (OpenMMLab's training state) load as inert stand-ins; a file
+    that is a pickled module (torch.save(model), like PiLaMIM's linear-probe files), not a dict, is refused.
+    """
     if not os.path.isfile(path):
         hint = ('check the path, or use --resume auto to continue from the latest checkpoint in --output_dir'
                 if flag == '--resume' else f'check the {flag} path')
         raise InputError(f'checkpoint {path} does not exist: {hint}')
-    try:  # official MAE checkpoints pickle their args as an argparse.Namespace
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # truncated or not a checkpoint at all
-        raise InputError(f'cannot read checkpoint {path} ({type(e).__name__}): it is corrupt or not a '
-                         f'PyTorch checkpoint; point {flag} at another file') from None
+
+    def pickled(what):
+        return InputError(f'{path} is a pickled {what}, not a state dict: where its class can be imported, run '
+                          'm = torch.load(path, weights_only=False); torch.save(m.module.state_dict() (DDP-wrapped) '
+                          f'or m.state_dict(), "weights.pth") and point {flag} at weights.pth')
+    stand_ins = []                                                       # one more per class met
+    while True:
+        try:  # official MAE checkpoints pickle their args as an argparse.Namespace
+            with torch.serialization.safe_globals([argparse.Namespace, *stand_ins]):
+                ckpt = torch.load(path, map_location='cpu', weights_only=True)
+            break
+        except Exception as e:  # truncated, not a checkpoint at all, or a class outside the allow-list
+            unknown = re.search(r'GLOBAL (\S+) was not an allowed global', str(e))
+            if unknown is None or len(stand_ins) == 100:
+                raise InputError(f'cannot read checkpoint {path} ({type(e).__name__}): it is corrupt or not a '
+                                 f'PyTorch checkpoint; point {flag} at another file') from None
+            if unknown.group(1).startswith('torch.nn.'):                 # a module (or DDP) pickled whole
+                raise pickled(f'module ({(stand_ins[0][1] if stand_ins else unknown.group(1))})') from None
+            stand_ins.append((opaque_class(unknown.group(1).rsplit('.', 1)[-1]), unknown.group(1)))
+    if not isinstance(ckpt, dict):                                       # e.g. an object of the user's own class
+        raise pickled(f'{type(ckpt).__name__} object')
+    return ckpt
 
 
 def resume_path(args):

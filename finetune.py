@@ -19,6 +19,7 @@ Sections: model -> loss/mixup -> data (low-shot subsets, evaluation sets) -> loo
 import argparse
 import json
 import os
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -30,7 +31,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from torchvision import datasets
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, InputError, LayerNorm, LossTracker, accuracy,
+from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, InputError, LossTracker, accuracy,
                     add_common_args, autocast, build_dataset, init_distributed, load_matching_state, load_rgb,
                     log_epoch, lr_at, make_loader, make_output_dir, no_sync_unless, progress, read_encoder,
                     remove_stale_temp_files, resume, resume_path, run, save_training_state, scale_lr, seed_epoch,
@@ -53,7 +54,8 @@ def vit_classifier(arch, num_classes, drop_path=0., cls_token=False, qkv_bias=Tr
     model = VisionTransformer(img_size=arch['img_size'], patch_size=arch['patch_size'], embed_dim=arch['embed_dim'],
                               depth=arch['depth'], num_heads=arch['num_heads'], mlp_ratio=arch['mlp_ratio'],
                               qkv_bias=qkv_bias, num_classes=num_classes, drop_path_rate=drop_path,
-                              global_pool='token' if cls_token else 'avg', norm_layer=LayerNorm)
+                              global_pool='token' if cls_token else 'avg',
+                              norm_layer=partial(nn.LayerNorm, eps=arch.get('norm_eps', 1e-6)))
     nn.init.trunc_normal_(model.head.weight, std=2e-5)                  # MAE: a near-zero head at start
     nn.init.zeros_(model.head.bias)
     return model
@@ -254,15 +256,15 @@ def encoder_and_arch(args):
     if args.model and size_of(args.model)[0] is None:
         raise InputError(f"--model '{args.model}' names no ViT size: use e.g. vit_base_patch16, or omit it")
     if args.checkpoint:
-        state, arch, ckpt = read_encoder(args.checkpoint, args, check_input_size=False)
+        state, arch, ckpt, found = read_encoder(args.checkpoint, args, check_input_size=False)
     else:
         size, patch = size_of(args.model or 'vit_base_patch16')
-        state, ckpt = None, {}
+        state, ckpt, found = None, {}, 'from scratch (supervised baseline, no --checkpoint)'
         arch = dict(VIT_SIZES[size], patch_size=args.patch_size or patch, mlp_ratio=4., img_size=224,
                     num_heads=args.num_heads or VIT_SIZES[size]['num_heads'])
     args.input_size = args.input_size or arch['img_size']
     arch['img_size'] = args.input_size
-    return state, arch, ckpt
+    return state, arch, ckpt, found
 
 
 def classifier(args, state, arch, ckpt, classes):
@@ -331,7 +333,9 @@ def main(args):
     """Fine-tune (with --eval: only evaluate), then report top-1 on val/ and on every --eval_path."""
     rank, world_size, device = init_distributed()
     make_output_dir(args.output_dir)
-    state, arch, ckpt = encoder_and_arch(args)
+    state, arch, ckpt, found = encoder_and_arch(args)
+    if rank == 0 and args.checkpoint:
+        print(f'{args.checkpoint}: {found}', flush=True)                 # what the file is, in one line
     resolve_recipe(args, arch)
     val_set = build_dataset(args, 'val', eval_transform(args.input_size))
     num_classes = len(val_set.classes)
@@ -368,7 +372,8 @@ def get_args_parser():
         'crops >= 0.35, no RandAugment/erasing/Mixup/CutMix, no loader workers. Explicit flags win.'))
     a = p.add_argument
     a('--preset', choices=sorted(PRESETS), help='laptop: built-in data on a CPU, a few minutes (see below)')
-    a('--checkpoint', default='', help='pre-training checkpoint (ours, official MAE, timm state dict); none = '
+    a('--checkpoint', default='', help='pre-training checkpoint (ours, official MAE, timm state dict, timm:NAME, '
+      'OpenMMLab MAE / MFF / PixMIM, PiLaMIM public code); none = '
       'train from scratch, the supervised baseline. With --eval: a fine-tuned checkpoint')
     a('--model', default='', help='from scratch: the ViT, e.g. vit_base_patch16 (default) or vit_tiny_patch4 for '
       'the built-in data; with --checkpoint only a check (the architecture is read from the weights)')

@@ -287,7 +287,8 @@ def main(args):
     rank, world_size, device = init_distributed()
     args.world_size = world_size
     resolve_recipe(args)
-    encoder = load_encoder(args.checkpoint, args).to(device)
+    encoder, found = load_encoder(args.checkpoint, args)
+    encoder.to(device)
     if not -encoder.depth <= args.layer < encoder.depth:
         raise InputError(f'--layer {args.layer} does not exist in a {encoder.depth}-block encoder: '
                          f'use 0..{encoder.depth - 1}, or -1 for the last')
@@ -309,7 +310,7 @@ def main(args):
     train_src = loader(train_set, True) if args.aug else \
         extract(encoder, loader(train_set, False), args.pool, args.layer, norm, device, rank)
     if rank == 0:
-        print(f'{args.checkpoint}: ViT D={encoder.cls_token.shape[-1]} depth={encoder.depth} at {args.input_size}px, block '
+        print(f'{args.checkpoint} ({found}): ViT D={encoder.cls_token.shape[-1]} depth={encoder.depth} at {args.input_size}px, block '
               f'{args.layer}, pool {args.pool}, final norm {args.feature_norm}, {len(train_set)} train / '
               f'{len(val_set)} val images, {num_classes} classes, '
               f'{"re-encoding each batch" if args.aug else f"cached in {time.time() - start:.1f}s"}'
@@ -343,7 +344,8 @@ def get_args_parser():
     a('--preset', choices=sorted(PRESETS), help='laptop: built-in data on a CPU: cached features, batch 256, '
       '30 epochs, blr 30 (few steps at small scale: LARS needs a large lr)')
     a('--checkpoint', required=True,
-      help='our pre-training or finetune.py checkpoint, an official MAE .pth or a timm ViT state dict')
+      help='our pre-training or finetune.py checkpoint, an official MAE .pth, a timm ViT state dict, timm:NAME '
+           '(a timm hub ViT), an OpenMMLab MAE / MFF / PixMIM file or a PiLaMIM public-code state dict')
     a('--model', default='', help='only a check: the architecture is read from the checkpoint')
     a('--input_size', type=int, default=None, help='only a check; the pre-training size is used')
     a('--patch_size', type=int, default=None, help='only a check')

@@ -781,7 +781,7 @@ def test_official_and_timm_format_weights_load(tmp_path):
         path = str(tmp_path / f'{name}.pth')
         with pytest.raises(InputError, match='--num_heads'):           # width 64 is no standard size
             probe.load_encoder(path, probe_args('--checkpoint', path))
-        encoder = probe.load_encoder(path, probe_args('--checkpoint', path, '--num_heads', '2'))
+        encoder = probe.load_encoder(path, probe_args('--checkpoint', path, '--num_heads', '2'))[0]
         with torch.no_grad():
             assert torch.allclose(encoder.forward_features(imgs), reference(imgs), atol=1e-5)
         assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
@@ -915,7 +915,7 @@ def test_pilamim_follows_the_public_code_and_still_loads_downstream(tmp_path):
     assert model.pixel_decoder.decoder_pos_embed.shape == (1, 64, 32) and model.pixel_decoder.decoder_pos_embed.requires_grad
     path = str(tmp_path / 'pilamim.pth')
     save_checkpoint({'model': model.state_dict(), 'args': {'model': 'x'}}, path)
-    encoder = probe.load_encoder(path, probe_args('--checkpoint', path, '--num_heads', '2'))
+    encoder = probe.load_encoder(path, probe_args('--checkpoint', path, '--num_heads', '2'))[0]
     vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=0,
                             qkv_bias=False)
     vit.load_state_dict(common.encoder_state_dict(model.state_dict()), strict=True)
@@ -1472,7 +1472,7 @@ def test_short_finetune_improves_and_its_weights_load_into_timm(pretrained, tmp_
                              '--builtin_size', '256')                    # --eval alone: the same val top-1
     assert evaluated['top1'] == result['top1'] and json.load(open(out / 'eval.json'))['top1'] == result['top1']
     # probe.py reads the fine-tuned encoder: its `mean` feature is the classifier's own pre-logits feature
-    encoder = common.load_encoder(str(out / 'checkpoint-last.pth'), probe_args('--checkpoint', 'x'))
+    encoder = common.load_encoder(str(out / 'checkpoint-last.pth'), probe_args('--checkpoint', 'x'))[0]
     with torch.no_grad():
         tokens = encoder.forward_blocks(encoder.embed(imgs), [encoder.depth - 1])[-1]
         assert torch.allclose(encoder.norm(tokens[:, 1:].mean(1)),
@@ -1536,7 +1536,7 @@ def shape_folders(tmp_path_factory):
 @pytest.mark.parametrize('flags, message', [
     (['--data_path', '{folders}/train'], 'no val/ folder'),
     (['--data_path', '{folders}', '--eval_path', '{folders}/bad'], 'not training classes'),
-    (['--checkpoint', '{tmp}/no_vit.pth'], 'holds no ViT encoder'),
+    (['--checkpoint', '{tmp}/no_vit.pth'], r"in no format this project reads \(first keys \['head.weight'\]"),
     (['--train_fraction', '1.5'], r'outside \(0, 1\]'),
     (['--train_fraction', '0'], r'outside \(0, 1\]'),
     (['--data_path', '{folders}', '--subset_file', '{tmp}/1percent.txt'], 'names 1 images that are not in'),
@@ -1934,3 +1934,269 @@ def test_a_copied_script_with_another_target_trains_and_is_analysed_with_its_own
     rec = json.load(open(tmp_path / 'analysis' / 'reconstruct.json'))['flip']
     assert hessian['script'] == rec['script'] == 'mae_flip.py' and all(map(math.isfinite, hessian['eigenvalues'][0]))
     assert rec['columns'][-1] == 'target'                                # the mirrored target, not the input
+
+
+# ---- released weights of every method (common.convert_checkpoint). Each file below is written from the
+# format's description (SPEC section 7: key names and shapes typed out here), never by the converter.
+
+from common import read_checkpoint, sincos_pos_embed_2d  # noqa: E402
+
+RELEASED = dict(img_size=32, patch_size=4, embed_dim=192, num_heads=3)  # a ViT-T/4 width, 2-3 blocks
+
+
+def mm_block(prefix, blk):
+    """A timm Block in mmpretrain's TransformerEncoderLayer names."""
+    names = {'ln1': blk.norm1, 'attn.qkv': blk.attn.qkv, 'attn.proj': blk.attn.proj, 'ln2': blk.norm2,
+             'ffn.layers.0.0': blk.mlp.fc1, 'ffn.layers.1': blk.mlp.fc2}
+    return {f'{prefix}.{name}.{p}': getattr(m, p) for name, m in names.items() for p in ('weight', 'bias')}
+
+
+def openmmlab_state_dict(model):
+    """mmpretrain MAE / MFF pre-training names: backbone.* (MAEViT / MFFViT), neck.* (MAEPretrainDecoder)."""
+    sd = {'backbone.patch_embed.projection.weight': model.patch_embed.proj.weight,
+          'backbone.patch_embed.projection.bias': model.patch_embed.proj.bias,
+          'backbone.cls_token': model.cls_token, 'backbone.pos_embed': model.pos_embed,
+          'backbone.ln1.weight': model.norm.weight, 'backbone.ln1.bias': model.norm.bias,
+          'neck.mask_token': model.mask_token, 'neck.decoder_pos_embed': model.decoder_pos_embed,
+          'neck.decoder_embed.weight': model.decoder_embed.weight, 'neck.decoder_embed.bias': model.decoder_embed.bias,
+          'neck.ln1.weight': model.decoder_norm.weight, 'neck.ln1.bias': model.decoder_norm.bias,
+          'neck.decoder_pred.weight': model.decoder_pred.weight, 'neck.decoder_pred.bias': model.decoder_pred.bias}
+    for i, blk in enumerate(model.blocks):
+        sd.update(mm_block(f'backbone.layers.{i}', blk))
+    for i, blk in enumerate(model.decoder_blocks):
+        sd.update(mm_block(f'neck.decoder_blocks.{i}', blk))
+    if model.mff is not None:
+        for j, proj in enumerate(model.mff.proj):
+            sd.update({f'backbone.proj_layers.{j}.weight': proj.weight, f'backbone.proj_layers.{j}.bias': proj.bias})
+        sd['backbone.proj_weights'] = model.mff.fusion_logits.reshape(-1, 1, 1, 1)   # (levels, 1, 1, 1)
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def swapped_halves(table):
+    """OpenMMLab's sin-cos table: MAE's with its two channel halves swapped."""
+    d = table.shape[-1] // 2
+    return torch.cat([table[..., d:], table[..., :d]], dim=-1)
+
+
+class HistoryBuffer:
+    """Stands for mmengine's MessageHub buffers that mmselfsup files pickle beside the weights."""
+    def __init__(self):
+        self.data = [1.0, 2.0]
+
+
+class PublicPiLaMIMEncoder(nn.Module):
+    """PiLaMIM's public encoder layout: learned (L, 1, D) positions (none for cls), timm Blocks without qkv bias
+    and with nn.LayerNorm's eps 1e-5 (the Block default of the timm it ran on; timm 1.0 defaults to 1e-6),
+    sequence-first tokens."""
+
+    def __init__(self, img_size=32, patch_size=4, embed_dim=192, depth=2, num_heads=3):
+        super().__init__()
+        L = (img_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * .02)
+        self.pos_embedding = nn.Parameter(torch.randn(L, 1, embed_dim) * .02)
+        self.patchify = nn.Conv2d(3, embed_dim, patch_size, patch_size)
+        self.transformer = nn.Sequential(*[timm.models.vision_transformer.Block(embed_dim, num_heads,
+                                                                                norm_layer=nn.LayerNorm)
+                                           for _ in range(depth)])
+        self.layer_norm = nn.LayerNorm(embed_dim)
+        with torch.no_grad():                     # small tokens: LayerNorm's eps then changes the features
+            self.patchify.weight.mul_(0.01)
+
+    def forward(self, imgs):                                              # -> (N, 1 + L, D) after the final norm
+        x = self.patchify(imgs).flatten(2).permute(2, 0, 1) + self.pos_embedding   # (L, N, D)
+        x = torch.cat([self.cls_token.expand(-1, x.shape[1], -1), x])   # (1 + L, N, D)
+        return self.layer_norm(self.transformer(x.transpose(0, 1)))
+
+
+@pytest.fixture(scope='module')
+def released(tmp_path_factory):
+    """Small random models and their files in each released format (+ the same weights in our form)."""
+    root, files = tmp_path_factory.mktemp('released'), {}
+    torch.manual_seed(0)
+    mff = MaskedAutoencoder(**RELEASED, depth=3, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=16,
+                            norm_pix_loss=True, mff_layers=(0, 1, 2)).eval()
+    with torch.no_grad():
+        mff.pos_embed.copy_(swapped_halves(mff.pos_embed))
+        mff.decoder_pos_embed.copy_(swapped_halves(mff.decoder_pos_embed))
+        mff.mff.fusion_logits.copy_(torch.randn(3))                      # learned: no longer equal
+    cfg = "model = dict(type='MFF', backbone=dict(type='MFFViT', arch='t', out_indices=[0, 1, 2]))"
+    torch.save({'state_dict': openmmlab_state_dict(mff), 'meta': {'epoch': 300, 'cfg': cfg}}, root / 'mff_mm.pth')
+    torch.save({'model': mff.state_dict()}, root / 'mff_ours.pth')
+
+    pixmim = MaskedAutoencoder(**RELEASED, depth=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=16,
+                               norm_pix_loss=True).eval()
+    radius = 40 * 32 / 224
+    i = torch.arange(32.) - 31 / 2
+    low_pass = (i[:, None] ** 2 + i[None, :] ** 2 <= radius ** 2).float()  # mmselfsup's ideal low-pass mask
+    torch.save({'meta': {'epoch': 800}, 'state_dict': {**openmmlab_state_dict(pixmim),
+                                                       'target_generator.low_pass_filter': low_pass},
+                'message_hub': {'log_scalars': {'train/loss': HistoryBuffer()}},
+                'param_schedulers': [{'last_step': 5}]},
+               root / 'pixmim_mm.pth')
+
+    pila = PublicPiLaMIMEncoder().eval()
+    target = PublicPiLaMIMEncoder().eval()
+    torch.save({**{f'encoder.{k}': v for k, v in pila.state_dict().items()},
+                **{f'target_encoder.{k}': v for k, v in target.state_dict().items()},
+                'pixel_decoder.head.weight': torch.zeros(48, 64)}, root / 'pilamim_public.pth')
+    ours = {'patch_embed.proj.weight': pila.patchify.weight, 'patch_embed.proj.bias': pila.patchify.bias,
+            'cls_token': pila.cls_token, 'pos_embed': torch.cat([torch.zeros(1, 192), pila.pos_embedding[:, 0]])[None],
+            'norm.weight': pila.layer_norm.weight, 'norm.bias': pila.layer_norm.bias,
+            **{f'blocks.{k}': v for k, v in pila.transformer.state_dict().items()}}
+    torch.save({'model': ours, 'args': {'norm_eps': 1e-5}}, root / 'pilamim_ours.pth')
+    return root, dict(mff=mff, pixmim=pixmim, pila=pila, target=target, low_pass=low_pass, radius=radius)
+
+
+def test_openmmlab_mff_file_rebuilds_the_whole_model_with_its_stored_position_table(released, capsys):
+    root, m = released
+    path = str(root / 'mff_mm.pth')
+    ckpt, found = read_checkpoint(path)
+    assert found.startswith('OpenMMLab MFF pre-training checkpoint, ViT-T/4, 3 blocks at 32 px, 3 fusion levels')
+    stored = m['mff'].pos_embed
+    assert torch.equal(ckpt['model']['pos_embed'], stored)             # copied, not regenerated
+    assert not torch.allclose(stored[0], sincos_pos_embed_2d(192, 8))
+    imgs = torch.randn(2, 3, 32, 32)
+    encoder, _ = common.load_encoder(path, probe_args('--checkpoint', path))
+    with torch.no_grad():                                                 # a regenerated table would differ here
+        assert (encoder.forward_features(imgs) - m['mff'].forward_features(imgs)).abs().max() <= 1e-5
+        model, train_args, script = analyze.pretraining_model(path)      # decoder, projections and weights too
+        assert script == 'mae_mff.py' and model.mff_layers == [0, 1, 2] and train_args.norm_pix_loss
+        noise = torch.rand(2, 64)
+        fused, ref = model.forward_encoder(imgs, 0.75, noise)[0], m['mff'].forward_encoder(imgs, 0.75, noise)[0]
+        assert (fused - ref).abs().max() <= 1e-5
+        assert abs(float(model(imgs, 0.75, noise=noise)[0]) - float(m['mff'](imgs, 0.75, noise=noise)[0])) <= 1e-5
+    weights = m['mff'].mff.fusion_logits.softmax(0)
+    assert torch.allclose(torch.tensor(model.fusion_weights()), weights, atol=1e-4)
+    out = root / 'fusion'
+    analyze_cli('fusion', out, '--checkpoint', path, '--labels', 'mff')   # paper Fig. 6 for a released file
+    assert json.load(open(out / 'fusion.json'))['mff']['fusion_weights'] == model.fusion_weights()
+    assert f'mff: fusion weights {model.fusion_weights()} on blocks [0, 1, 2]' in capsys.readouterr().out
+
+
+def test_openmmlab_pixmim_file_with_training_state_gives_its_filter_and_loss(released):
+    root, m = released
+    path = str(root / 'pixmim_mm.pth')                                    # holds a pickled non-tensor object too
+    ckpt, found = read_checkpoint(path)
+    assert found == (f'OpenMMLab PixMIM pre-training checkpoint, ViT-T/4, 2 blocks at 32 px, '
+                     f'low-pass radius {ckpt["args"]["lpf_radius"]:g} px') and ckpt['script'] == 'pixmim_mff.py'
+    kept = ideal_low_pass(torch.ones(1, 1, 32, 32), ckpt['args']['lpf_radius'])  # our filter at the read radius
+    reference = ideal_low_pass(torch.ones(1, 1, 32, 32), m['radius'])
+    assert torch.equal(kept, reference)
+    model, train_args, script = analyze.pretraining_model(path)
+    assert script == 'pixmim_mff.py' and isinstance(model, PixMIM) and train_args.crop == 'simple'
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    with torch.no_grad():
+        loss = model(imgs, train_args.mask_ratio, noise=noise)[0]
+        _, pred, mask = m['pixmim'](imgs, 0.75, noise=noise)               # the same weights, mask and low-pass target
+        expect = common.masked_mse(pred, common.pixel_targets(low_freq_target(imgs, m['radius']), 4, True), mask)
+    assert abs(float(loss) - float(expect)) <= 1e-5
+
+
+def test_pilamim_public_state_dict_needs_its_layernorm_eps(released):
+    root, m = released
+    path = str(root / 'pilamim_public.pth')
+    ckpt, found = read_checkpoint(path)
+    assert 'PiLaMIM public-code state dict, ViT-T/4, 2 blocks at 32 px' in found and 'pixel_decoder' in found
+    encoder, _ = common.load_encoder(path, probe_args('--checkpoint', path))
+    imgs = torch.randn(2, 3, 32, 32)
+    target = ViTEncoder(**RELEASED, depth=2, qkv_bias=False, norm_eps=1e-5)
+    target.load_state_dict(common.encoder_state_dict(ckpt['model'], 'target_encoder.'))
+    eps_6 = ViTEncoder(**RELEASED, depth=2, qkv_bias=False, norm_eps=1e-6)
+    eps_6.load_state_dict(common.encoder_state_dict(ckpt['model']))
+    with torch.no_grad():
+        reference = m['pila'](imgs)
+        assert (encoder.forward_features(imgs) - reference).abs().max() <= 1e-5
+        assert (target.eval().forward_features(imgs) - m['target'](imgs)).abs().max() <= 1e-5
+        assert (eps_6.eval().forward_features(imgs) - reference).abs().max() > 1e-3   # MAE's eps is wrong here
+
+
+@pytest.mark.parametrize('converted, original', [('mff_mm.pth', 'mff_ours.pth'),
+                                                 ('pilamim_public.pth', 'pilamim_ours.pth')])
+def test_knn_top1_is_the_same_on_a_released_file_and_on_our_form(released, tmp_path, capsys, converted, original):
+    root, _ = released
+    top1 = [probe.main(probe_args('--checkpoint', str(root / name), '--knn', '--builtin_size', '256',
+                                  '--output_dir', str(tmp_path)))['top1'] for name in (converted, original)]
+    assert top1[0] == top1[1]
+    assert f'{root / converted} (' in capsys.readouterr().out             # the start line says what it read
+
+
+def test_official_mae_finetuned_file_evaluates_and_probes(tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    vit = VisionTransformer(**RELEASED, depth=2, global_pool='avg', num_classes=4).eval()
+    assert 'norm.weight' not in vit.state_dict()                         # fc_norm + head, no norm
+    path = tmp_path / 'mae_finetuned_vit_tiny.pth'
+    torch.save({'model': vit.state_dict()}, path)
+    assert read_checkpoint(str(path))[1] == ('official MAE fine-tuned (fc_norm + head) checkpoint, ViT-T/4, '
+                                             '2 blocks at 32 px')
+    # The same classifier as an mmpretrain fine-tuned file (backbone ln2 = fc_norm, head.fc = head) reads back as it.
+    mm = {'backbone.patch_embed.projection.weight': vit.patch_embed.proj.weight,
+          'backbone.patch_embed.projection.bias': vit.patch_embed.proj.bias, 'backbone.cls_token': vit.cls_token,
+          'backbone.pos_embed': vit.pos_embed, 'backbone.ln2.weight': vit.fc_norm.weight,
+          'backbone.ln2.bias': vit.fc_norm.bias, 'head.fc.weight': vit.head.weight, 'head.fc.bias': vit.head.bias,
+          **{k: v for i, blk in enumerate(vit.blocks) for k, v in mm_block(f'backbone.layers.{i}', blk).items()}}
+    torch.save({'state_dict': mm, 'meta': {}}, tmp_path / 'mm_finetuned.pth')
+    ckpt, found = read_checkpoint(str(tmp_path / 'mm_finetuned.pth'))
+    assert found == 'OpenMMLab MAE fine-tuned checkpoint, ViT-T/4, 2 blocks at 32 px'
+    assert ckpt['model'].keys() == vit.state_dict().keys()
+    assert all(torch.equal(ckpt['model'][k], v) for k, v in vit.state_dict().items())
+    result = finetune_run('--eval', '--checkpoint', path, '--output_dir', tmp_path, *FT_CLI, '--builtin_size', '256')
+    val = common.build_dataset(argparse.Namespace(data_path='', builtin_size=256, input_size=32, builtin_label='shape',
+                                                  seed=0), 'val', eval_transform(32))
+    imgs, labels = map(torch.stack, zip(*[(x, torch.tensor(y)) for x, y in map(val.__getitem__, range(len(val)))]))
+    with torch.no_grad():
+        assert result['top1'] == pytest.approx(100 * (vit(imgs).argmax(1) == labels).float().mean().item(), abs=0.01)
+        encoder = probe.load_encoder(str(path), probe_args('--checkpoint', str(path)))[0]
+        tokens = encoder.forward_blocks(encoder.embed(imgs[:4]), [1])[-1]
+        assert (encoder.norm(tokens[:, 1:].mean(1)) -
+                vit.forward_head(vit.forward_features(imgs[:4]), pre_logits=True)).abs().max() <= 1e-5
+
+
+def test_timm_hub_name_reads_the_model_and_offline_names_the_cache(tmp_path, monkeypatch, capsys):
+    name = 'vit_tiny_patch16_224.augreg_in21k'
+    small = dict(img_size=32, patch_size=4, depth=2)
+    torch.manual_seed(0)
+    vit = timm.create_model(name, pretrained=False, **small).eval()
+    torch.save(vit.state_dict(), tmp_path / 'local.pth')                  # what the hub would give, offline
+    create = timm.create_model
+    monkeypatch.setattr(timm, 'create_model', lambda n, **kw: create(
+        n, **kw, **small, pretrained_cfg_overlay=dict(file=str(tmp_path / 'local.pth'))))
+    ckpt, found = read_checkpoint(f'timm:{name}')
+    assert found == f'timm hub model {name}, ViT-T/4, 2 blocks at 32 px'
+    encoder = probe.load_encoder(f'timm:{name}', probe_args('--checkpoint', f'timm:{name}'))[0]
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (encoder.forward_features(imgs) - vit.forward_features(imgs)).abs().max() <= 1e-5
+    top1 = [probe.main(probe_args('--checkpoint', c, '--knn', '--builtin_size', '256', '--output_dir', str(tmp_path)))
+            ['top1'] for c in (f'timm:{name}', str(tmp_path / 'local.pth'))]
+    assert top1[0] == top1[1]
+    monkeypatch.undo()
+    # Offline, with empty caches: one line naming the cache it looked in (HF_HUB_OFFLINE: no download is tried).
+    env = {**ENV, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf'), 'TORCH_HOME': str(tmp_path / 'torch')}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'probe.py'), '--checkpoint', f'timm:{name}', '--knn',
+                           '--output_dir', str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f'not in the Hugging Face cache {tmp_path / "hf" / "hub"}' in lines[0] and 'timm:' + name in lines[0]
+
+
+class DistributedDataParallel(nn.Module):
+    """Pickles like a DDP-wrapped module (PiLaMIM's linear-probe files): a wrapper with .module."""
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def test_pickled_module_and_unknown_state_dict_are_one_line_errors(tmp_path):
+    torch.save(DistributedDataParallel(nn.Linear(2, 2)), tmp_path / 'ddp.pth')
+    torch.save(nn.Linear(2, 2), tmp_path / 'module.pth')
+    torch.save({'fc.weight': torch.zeros(2, 2), 'fc.bias': torch.zeros(2)}, tmp_path / 'unknown.pth')
+    for name, words in (('ddp.pth', 'is a pickled module (test_smoke.DistributedDataParallel), not a state dict'),
+                        ('module.pth', 'is a pickled module (torch.nn.modules.linear.Linear), not a state dict'),
+                        ('unknown.pth', "is in no format this project reads (first keys ['fc.weight', 'fc.bias']): "
+                                        'it reads ours')):
+        with pytest.raises(InputError) as e:
+            read_checkpoint(str(tmp_path / name))
+        assert words in str(e.value) and '\n' not in str(e.value)
+    assert 'OpenMMLab' in str(e.value) and 'PiLaMIM' in str(e.value) and 'timm:NAME' in str(e.value)
