@@ -31,7 +31,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, InputError, LayerNor
                     add_common_args, autocast, build_dataset, epochs, init_distributed, load_matching_state, load_rgb,
                     log_epoch, lr_at, make_loader, make_output_dir, no_sync_unless, progress, read_encoder,
                     remove_stale_temp_files, resume, resume_path, run, save_training_state, scale_lr, set_lr,
-                    size_of, start_log, topk_hits, wrap_ddp)
+                    size_of, start_log, to_device, topk_hits, wrap_ddp)
 
 # ----------------------------------------------------------------------------------------------
 # Model: timm's ViT with a fresh head; the encoder weights come from the pre-training checkpoint.
@@ -195,7 +195,7 @@ def train_one_epoch(model, loader, optimizer, mixup, criterion, device, epoch, s
             break
         if i % args.accum_iter == 0:                                     # per-iteration; x lr_scale per group
             set_lr(optimizer, lr_at(epoch + i / micro_steps, args))
-        imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        imgs, y = to_device(imgs, device), y.to(device, non_blocking=True)
         if mixup is not None:
             imgs, y = mixup(imgs, y)                                     # y: soft targets (N, K)
         last_micro = (i + 1) % args.accum_iter == 0
@@ -226,7 +226,7 @@ def evaluate(model, loader, device, world_size, num_classes, class_ids=None):
     k = num_classes if class_ids is None else len(class_ids)
     for imgs, y in loader:
         with autocast(device):
-            logits = model(imgs.to(device, non_blocking=True)).float()  # (N, K)
+            logits = model(to_device(imgs, device)).float()            # (N, K)
         if class_ids is not None:
             logits = logits[:, class_ids]                                # (N, classes of this set)
         hits += topk_hits(logits, y.to(device), k)

@@ -24,7 +24,7 @@ from common import (WD_RULES, Block, InputError, LayerNorm, LossTracker, VIT_SIZ
                     autocast, build_dataset, epochs, init_distributed, init_weights, log_epoch, log_fusion_weights,
                     lr_at, masked_mse, no_sync_unless, patchify, pixel_targets, prepare_training, progress,
                     random_masking, restore_order, resume_path, run, save_training_state, set_lr, sincos_pos_embed_2d,
-                    train_transform, unpatchify, use_recipe)
+                    to_device, train_view, unpatchify, use_recipe)
 
 
 def paper_mff_layers(depth):
@@ -231,7 +231,7 @@ def train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank, w
             break
         if i % args.accum_iter == 0:                                     # per-iteration lr schedule
             set_lr(optimizer, lr_at(epoch + i / micro_steps, args))
-        imgs = imgs.to(device, non_blocking=True)
+        imgs = to_device(imgs, device)
         last_micro = (i + 1) % args.accum_iter == 0
         with no_sync_unless(model, last_micro):
             with autocast(device):
@@ -265,7 +265,7 @@ def main(args):
     reference = resolve_recipe(args)
     torch.manual_seed(args.seed)                                         # same init on every rank
     raw_model = build_model(args).to(device)
-    dataset = build_dataset(args, 'train', train_transform(args.input_size, args.crop))
+    dataset = build_dataset(args, 'train', train_view(args, args.crop))
     model, loader, sampler, optimizer, start_epoch, step = prepare_training(
         args, raw_model, dataset, rank, world_size, device,
         f'{reference}, mff_layers {raw_model.mff_layers or "off"}')

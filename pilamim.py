@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from common import (Block, InputError, LayerNorm, LossTracker, VIT_SIZES, ViTEncoder, autocast, build_dataset,
                     encoder_state_dict, epochs, init_distributed, init_weights, log_epoch, log_fusion_weights, lr_at,
                     masked_mse, no_sync_unless, pixel_targets, prepare_training, progress, random_masking,
-                    restore_order, resume_path, run, save_training_state, set_lr, train_transform, use_recipe)
+                    restore_order, resume_path, run, save_training_state, set_lr, to_device, train_view, use_recipe)
 from mae_mff import MODELS, MultiLevelFusion, encoder_depth, parse_mff_layers
 from mae_mff import get_args_parser as mae_args_parser
 
@@ -173,7 +173,7 @@ def train_one_epoch(model, raw_model, loader, optimizer, device, epoch, step, to
             break
         if i % args.accum_iter == 0:
             set_lr(optimizer, schedule(epoch + i / micro_steps, args))
-        imgs = imgs.to(device, non_blocking=True)
+        imgs = to_device(imgs, device)
         last_micro = (i + 1) % args.accum_iter == 0
         with no_sync_unless(model, last_micro):
             with autocast(device):                                       # bf16 on CUDA, target pass too
@@ -204,7 +204,7 @@ def main(args):
     reference = resolve_recipe(args)
     torch.manual_seed(args.seed)
     raw_model = build_model(args).to(device)                             # target encoder: no grad, not optimised
-    dataset = build_dataset(args, 'train', train_transform(args.input_size, args.crop))
+    dataset = build_dataset(args, 'train', train_view(args, args.crop))
     model, loader, sampler, optimizer, start_epoch, step = prepare_training(   # restores target encoder + step
         args, raw_model, dataset, rank, world_size, device, f'{reference}, target encoder included, cls loss '
         f'{"on" if raw_model.cls_loss else "off"}, latent target {args.latent_target}, '

@@ -20,7 +20,7 @@ import torch
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, InputError, LossTracker, autocast, build_dataset, epochs,
                     init_distributed, log_epoch, log_fusion_weights, lr_at, no_sync_unless, prepare_training, progress,
-                    resume_path, run, save_training_state, set_lr, train_transform, use_recipe)
+                    resume_path, run, save_training_state, set_lr, to_device, train_view, use_recipe)
 from mae_mff import PRESETS as MAE_PRESETS
 from mae_mff import build_model, get_args_parser as mae_args_parser
 
@@ -97,7 +97,7 @@ def train_one_epoch(model, loader, optimizer, device, epoch, step, args, rank, w
             break
         if i % args.accum_iter == 0:
             set_lr(optimizer, lr_at(epoch + i / micro_steps, args))
-        imgs = imgs.to(device, non_blocking=True)
+        imgs = to_device(imgs, device)
         last_micro = (i + 1) % args.accum_iter == 0
         with no_sync_unless(model, last_micro):
             loss = pixmim_loss(model, imgs, args.mask_ratio, radius)
@@ -125,7 +125,7 @@ def main(args):
                          f'{args.input_size} px (the paper\'s 40 x input_size / 224 is {40 * args.input_size / 224:.3g})')
     torch.manual_seed(args.seed)
     raw_model = build_model(args).to(device)
-    dataset = build_dataset(args, 'train', train_transform(args.input_size, args.crop))
+    dataset = build_dataset(args, 'train', train_view(args, args.crop))
     model, loader, sampler, optimizer, start_epoch, step = prepare_training(
         args, raw_model, dataset, rank, world_size, device, f'{reference}, low-pass radius '
         f'{lpf_radius(args):.3g} px, mff_layers {raw_model.mff_layers or "off"}')
