@@ -34,6 +34,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.flop_counter import FlopCounterMode
 
+import finetune
 import probe
 from common import (VIT_SIZES, ImageView, ViTEncoder, adamw, autocast, collate, load_rgb, make_loader, open_with_bytes,
                     to_device, train_transform)
@@ -154,8 +155,8 @@ def natural_jpeg(path, seed, size):
     pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.2))
     draw = ImageDraw.Draw(pil)
     for _ in range(6):
-        x0, y0 = rng.integers(0, w - 40), rng.integers(0, h - 40)
-        box = (x0, y0, x0 + rng.integers(20, w // 3), y0 + rng.integers(20, h // 3))
+        x0, y0 = rng.integers(0, w - w // 10), rng.integers(0, h - h // 10)
+        box = (x0, y0, x0 + rng.integers(w // 20, w // 3), y0 + rng.integers(h // 20, h // 3))
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
     grain = rng.normal(0, 6, (h, w, 3))
@@ -256,6 +257,16 @@ def bench_data(args):
                 dist = pixel_distance(crop, size, paths)
                 print(f'  {crop:6s} at {size} px, mean |pixel - full decode| in 0-255 levels (images): ' +
                       ', '.join(f'{k} {v:.3f} ({n})' for k, (v, n) in dist.items()), flush=True)
+            if crop == 'rrc':                                           # finetune.py keeps timm's float pipeline
+                recipe = argparse.Namespace(input_size=args.input_size, crop_min=0.08, aa='rand-m9-mstd0.5-inc1',
+                                            reprob=0.25)
+                timm_view = finetune.train_transform(recipe)
+                torch.manual_seed(0)
+                ms = statistics.median(cpu_ms_per_image(lambda p: timm_view(load_rgb(p)), paths)
+                                       for _ in range(args.rounds))
+                print(f'  {crop:6s} {"finetune.py (timm RandAugment + erasing, float)":44s} {ms:6.2f} ms/img  '
+                      f'{1000 / ms:6.0f} img/s/core  {ms / base:5.2f}x today  '
+                      f'{args.gpu_images_per_s * ms / 1000:5.1f} cores/GPU', flush=True)
             if args.gpu_decode:
                 device = torch.device(args.device)
                 rate = device_decode_rate(crop, args.input_size, paths, device)

@@ -781,6 +781,15 @@ def init_distributed():
     return rank, world_size, device
 
 
+def compile_model(model):
+    """torch.compile for --compile. Inductor's own random numbers would give other masks (and drop
+    paths) than eager mode for the same seed; fallback_random keeps torch's, so --compile changes the
+    speed and not the run (a run may resume with or without it)."""
+    import torch._inductor.config
+    torch._inductor.config.fallback_random = True
+    return torch.compile(model)
+
+
 def wrap_ddp(model, device, world_size):
     return DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None) \
         if world_size > 1 else model
@@ -1081,7 +1090,7 @@ def prepare_training(args, raw_model, dataset, rank, world_size, device, describ
     eff_batch = scale_lr(args, world_size)
     optimizer = adamw(raw_model, args, device)
     start_epoch, step, ckpt = resume(args, raw_model, optimizer)
-    model = wrap_ddp(torch.compile(raw_model) if args.compile else raw_model, device, world_size)
+    model = wrap_ddp(compile_model(raw_model) if args.compile else raw_model, device, world_size)
     if rank == 0:
         remove_stale_temp_files(args.output_dir)
         start_log(args, start_epoch if ckpt is not None else None)

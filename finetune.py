@@ -28,8 +28,9 @@ from timm.optim import param_groups_layer_decay
 from torchvision import datasets
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, InputError, LayerNorm, LossTracker, accuracy,
-                    add_common_args, autocast, build_dataset, epochs, init_distributed, load_matching_state, load_rgb,
-                    log_epoch, lr_at, make_loader, make_output_dir, no_sync_unless, progress, read_encoder,
+                    add_common_args, autocast, build_dataset, compile_model, epochs, init_distributed,
+                    load_matching_state, load_rgb, log_epoch, lr_at, make_loader, make_output_dir, no_sync_unless,
+                    progress, read_encoder,
                     remove_stale_temp_files, resume, resume_path, run, save_training_state, scale_lr, set_lr,
                     size_of, start_log, to_device, topk_hits, wrap_ddp)
 
@@ -304,7 +305,7 @@ def main(args):
         optimizer = layer_decay_optimizer(raw_model, args, device)
         start_epoch, step, resumed = resume(args, raw_model, optimizer)  # into the raw model, before compile/DDP
         best = resumed.get('best_top1', 0.) if resumed else 0.
-        model = wrap_ddp(torch.compile(raw_model) if args.compile else raw_model, device, world_size)
+        model = wrap_ddp(compile_model(raw_model) if args.compile else raw_model, device, world_size)
         if rank == 0:
             remove_stale_temp_files(args.output_dir)
             start_log(args, start_epoch if resumed else None)
