@@ -13,7 +13,7 @@ target-encoder forward and its EMA update (<= 1.6x).
 re-encoding every batch through the frozen ViT (target: >= 10x).
 
 --data times the input pipeline instead, one process, side by side: CPU ms per image of a loader
-worker for today's float path, the uint8 paths (full decode; JPEG draft mode + box resize) and
+worker for the old float path, the uint8 paths (full decode; JPEG draft mode + box resize) and
 the CPU share of --gpu_decode, on JPEGs it generates at ImageNet's typical sizes, and the cores per
 GPU each needs to feed --gpu_images_per_s. It also prints how far each path's pixels are from the
 full decode, and with --gpu_decode the device-side decode rate.
@@ -176,9 +176,9 @@ def make_jpegs(folder, n):
 def data_paths(crop, size):
     """name -> a loader worker's work for one file: read/decode, crop, resize, flip, to a tensor."""
     views = {mode: ImageView(crop, size, mode) for mode in ('exact', 'draft', 'gpu')}
-    today = train_transform(size, crop)                                  # PIL -> float, normalised in the worker
+    old = train_transform(size, crop)                                    # PIL -> float, normalised in the worker
     return {
-        'today (PIL, float in the worker)': lambda p: today(load_rgb(p)),
+        'old path (PIL, float in the worker)': lambda p: old(load_rgb(p)),
         'uint8, full decode (--exact_decode)': lambda p: views['exact'](load_rgb(p)),
         'uint8, draft mode + box resize': lambda p: views['draft'](open_with_bytes(p)),
         '--gpu_decode, CPU share (bytes + crop draw)': lambda p: views['gpu'](open_with_bytes(p)),
@@ -251,7 +251,7 @@ def bench_data(args):
             for name, t in times.items():
                 ms = statistics.median(t)
                 base = base or ms
-                print(f'  {crop:6s} {name:44s} {ms:6.2f} ms/img  {1000 / ms:6.0f} img/s/core  {ms / base:5.2f}x today  '
+                print(f'  {crop:6s} {name:44s} {ms:6.2f} ms/img  {1000 / ms:6.0f} img/s/core  {ms / base:5.2f}x old  '
                       f'{args.gpu_images_per_s * ms / 1000:5.1f} cores/GPU', flush=True)
             for size in (args.input_size, args.input_size // 2):        # half size: draft mode reduces often
                 dist = pixel_distance(crop, size, paths)
@@ -265,7 +265,7 @@ def bench_data(args):
                 ms = statistics.median(cpu_ms_per_image(lambda p: timm_view(load_rgb(p)), paths)
                                        for _ in range(args.rounds))
                 print(f'  {crop:6s} {"finetune.py (timm RandAugment + erasing, float)":44s} {ms:6.2f} ms/img  '
-                      f'{1000 / ms:6.0f} img/s/core  {ms / base:5.2f}x today  '
+                      f'{1000 / ms:6.0f} img/s/core  {ms / base:5.2f}x old  '
                       f'{args.gpu_images_per_s * ms / 1000:5.1f} cores/GPU', flush=True)
             if args.gpu_decode:
                 device = torch.device(args.device)

@@ -13,7 +13,7 @@ import os
 import random
 import re
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import numpy as np
@@ -370,19 +370,15 @@ def load_rgb(path):
             return Image.open(f).convert('RGB')
 
 
-class named_errors:
-    """Turn a decoder's exception while reading `path` into the one-line InputError that names the file."""
-
-    def __init__(self, path, kinds=(OSError, SyntaxError, ValueError)):
-        self.path, self.kinds = path, kinds
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, e, tb):
-        if isinstance(e, self.kinds) and not isinstance(e, InputError):
-            raise InputError(f'cannot read image {self.path} ({type(e).__name__}): delete or replace the file') \
-                from None
+@contextmanager
+def named_errors(path, kinds=(OSError, SyntaxError, ValueError)):
+    """A decoder's exception while reading `path` -> the one-line InputError that names the file."""
+    try:
+        yield
+    except InputError:
+        raise
+    except kinds as e:
+        raise InputError(f'cannot read image {path} ({type(e).__name__}): delete or replace the file') from None
 
 
 def open_with_bytes(path):
@@ -395,7 +391,7 @@ def open_with_bytes(path):
 
 
 def geometry(kind, size, scale=(0.2, 1.0)):
-    """Today's torchvision geometry on a PIL image, flip included: the reference the faster paths reproduce.
+    """The reference torchvision geometry on a PIL image, flip included, which the faster paths reproduce.
 
     'rrc': MAE's RandomResizedCrop(scale), bicubic; 'simple': PixMIM's resize + padded random crop;
     'center': the evaluation view, resize to size/0.875 (256 for 224), bicubic, then center crop.
@@ -419,10 +415,10 @@ def eval_resize(size):
 
 
 def train_transform(input_size, crop='rrc'):
-    """Float pipeline of before the uint8 loaders (geometry -> ToTensor -> Normalize in the worker).
+    """The float reference pipeline: geometry -> ToTensor -> Normalize, all in the loader worker.
 
-    The training scripts use ImageView; this stays as the reference its pixels are tested against,
-    and for callers that want normalised float tensors from the loader (analyze.py).
+    The training scripts load through ImageView (uint8, normalised on the device by to_device), whose
+    pixels are tested against this; analyze.py still reads normalised float batches from it.
     """
     return transforms.Compose(geometry(crop, input_size) + [transforms.ToTensor(),
                                                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -457,7 +453,7 @@ class ImageView:
     """How one image becomes a model input: a uint8 (3, size, size) tensor after crop, resize and flip.
 
     kind: 'rrc' / 'simple' / 'center' (see `geometry`). decode:
-      'exact'  PIL full decode + today's torchvision geometry (bit for bit today's pixels, as uint8);
+      'exact'  PIL full decode + the reference torchvision geometry (its pixels bit for bit, as uint8);
       'draft'  JPEG files: PIL draft mode (the decoder's DCT-domain downscale by 2, 4 or 8, chosen so
                the crop still has at least `size` pixels both ways at the reduced scale), then one
                resize of the crop box only, by torch's uint8 antialiased kernel (crop_resize_flip, the
@@ -480,8 +476,8 @@ class ImageView:
 
     def __call__(self, img):
         """PIL image (exact path, built-in data) or open_with_bytes' triple -> uint8 tensor or Encoded."""
-        if not isinstance(img, tuple):
-            return uint8_chw(self.reference(img.convert('RGB')))
+        if not isinstance(img, tuple):                                  # load_rgb's or a built-in image
+            return uint8_chw(self.reference(img if img.mode == 'RGB' else img.convert('RGB')))
         data, img, path = img
         jpeg = img.format == 'JPEG' and img.mode in ('RGB', 'L')        # what decode_jpeg reads
         with named_errors(path, (OSError, SyntaxError, ValueError, RuntimeError)):  # decode_jpeg: RuntimeError
@@ -615,7 +611,7 @@ def to_device(imgs, device):
     """A loader batch -> float (N, 3, S, S) on `device`, ImageNet-normalised there (every script calls this).
 
     uint8 batches (4x fewer bytes than float to pin and copy) are converted and normalised on the
-    device with ToTensor + Normalize's own arithmetic, so the values are today's to float rounding;
+    device with ToTensor + Normalize's own arithmetic, so the values are train_transform's to float rounding;
     EncodedBatch is decoded there first; float batches (finetune.py's timm pipeline) only move.
     """
     if isinstance(imgs, EncodedBatch):
@@ -1198,7 +1194,8 @@ def add_common_args(parser):
     a('--output_dir', default='./output', help='checkpoints and log.jsonl go here')
     a('--resume', default='', help="checkpoint path, or 'auto' = <output_dir>/checkpoint-last.pth if any")
     a('--save_freq', type=int, default=20, help='also keep checkpoint-<epoch>.pth every this many epochs')
-    a('--num_workers', type=int, default=10, help='loader processes per GPU; JPEG decoding needs many')
+    a('--num_workers', type=int, default=10, help='loader processes per GPU; JPEG decoding needs many (bench.py --data '
+      'prints the cores per GPU each decode path needs; --gpu_decode needs the fewest)')
     a('--seed', type=int, default=0)
     a('--compile', action='store_true', help='torch.compile the model (faster steps after a slow first one)')
     a('--print_freq', type=int, default=50, help='steps between loss syncs (NaN check, progress bar)')
