@@ -180,7 +180,7 @@ def data_paths(crop, size):
     return {
         'old path (PIL, float in the worker)': lambda p: old(load_rgb(p)),
         'uint8, full decode (--exact_decode)': lambda p: views['exact'](load_rgb(p)),
-        'uint8, draft mode + box resize': lambda p: views['draft'](open_with_bytes(p)),
+        'uint8, draft mode + crop-box resize (default)': lambda p: views['draft'](open_with_bytes(p)),
         '--gpu_decode, CPU share (bytes + crop draw)': lambda p: views['gpu'](open_with_bytes(p)),
     }
 
