@@ -19,13 +19,14 @@ checkpoint's 'script' (save_training_state), from which analyze.py rebuilds the 
 """
 import argparse
 import errno
+import io
 import json
 import math
 import os
 import random
 import re
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import numpy as np
@@ -35,7 +36,9 @@ import torch.nn as nn
 from PIL import Image
 from timm.models.vision_transformer import Block, PatchEmbed
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data._utils.worker import _generate_state  # how DataLoader seeds a worker's numpy
 from torchvision import datasets, transforms
+from torchvision.io import ImageReadMode, decode_jpeg
 from tqdm import tqdm
 
 
@@ -618,42 +621,305 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
 def load_rgb(path):
     """PIL loader that converts every mode (L, P, CMYK, RGBA) to RGB and names corrupt files."""
-    try:
+    with named_errors(path):
         with open(path, 'rb') as f:
             return Image.open(f).convert('RGB')
-    except (OSError, SyntaxError, ValueError) as e:
+
+
+@contextmanager
+def named_errors(path, kinds=(OSError, SyntaxError, ValueError)):
+    """A decoder's exception while reading `path` -> the one-line InputError that names the file."""
+    try:
+        yield
+    except InputError:
+        raise
+    except kinds as e:
         raise InputError(f'cannot read image {path} ({type(e).__name__}): delete or replace the file') from None
 
 
-def train_transform(input_size, crop='rrc'):
-    """'rrc': MAE's RandomResizedCrop(0.2, 1), bicubic; 'simple': PixMIM's resize + padded random crop.
+def open_with_bytes(path):
+    """Loader of the draft and --gpu_decode paths: (the file's bytes as a uint8 tensor, the image opened
+    lazily from them: PIL has read the header only (size, format, mode), path)."""
+    with named_errors(path):
+        with open(path, 'rb') as f:
+            data = f.read()
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), Image.open(io.BytesIO(data)), path
 
+
+def geometry(kind, size, scale=(0.2, 1.0)):
+    """The reference torchvision geometry on a PIL image, flip included, which the faster paths reproduce.
+
+    'rrc': MAE's RandomResizedCrop(scale), bicubic; 'simple': PixMIM's resize + padded random crop;
+    'center': the evaluation view, resize to size/0.875 (256 for 224), bicubic, then center crop.
     The simple crop resizes with torchvision's default (bilinear) interpolation, as mmselfsup's
     PixMIM and mmpretrain's MFF configs do: their published numbers come from it.
     """
-    if crop == 'rrc':
-        geometry = [transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0),
-                                                 interpolation=transforms.InterpolationMode.BICUBIC)]
-    elif crop == 'simple':
-        geometry = [transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BILINEAR),
-                    transforms.RandomCrop(input_size, padding=4, padding_mode='reflect')]
-    else:
-        raise InputError(f"unknown --crop '{crop}': use 'rrc' or 'simple'")
-    return transforms.Compose(geometry + [transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-                                          transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    if kind == 'rrc':
+        return [transforms.RandomResizedCrop(size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.RandomHorizontalFlip()]
+    if kind == 'simple':
+        return [transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR),
+                transforms.RandomCrop(size, padding=4, padding_mode='reflect'), transforms.RandomHorizontalFlip()]
+    if kind == 'center':
+        return [transforms.Resize(eval_resize(size), interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.CenterCrop(size)]
+    raise InputError(f"unknown --crop '{kind}': use 'rrc' or 'simple'")
+
+
+def eval_resize(size):
+    return int(round(size / 0.875))
+
+
+def train_transform(input_size, crop='rrc'):
+    """The float reference pipeline: geometry -> ToTensor -> Normalize, all in the loader worker.
+
+    The training scripts load through ImageView (uint8, normalised on the device by to_device), whose
+    pixels are tested against this; analyze.py still reads normalised float batches from it.
+    """
+    return transforms.Compose(geometry(crop, input_size) + [transforms.ToTensor(),
+                                                            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def eval_transform(input_size):
-    """Resize to size/0.875 (256 for 224) and center-crop: the standard evaluation view."""
-    return transforms.Compose([
-        transforms.Resize(int(round(input_size / 0.875)), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(input_size), transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    """Float evaluation view (Resize(size/0.875) + CenterCrop), the reference of ImageView('center')."""
+    return transforms.Compose(geometry('center', input_size) + [transforms.ToTensor(),
+                                                                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def short_side_resize(w, h, size):
+    """torchvision's Resize(int) output (w, h): the short side becomes `size`, the long one is truncated."""
+    return (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+
+
+def uint8_chw(img):
+    """PIL RGB image -> uint8 tensor (3, H, W); the float conversion happens on the device (to_device)."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+class Encoded:
+    """One --gpu_decode sample: the JPEG bytes and the geometry drawn for them, or, for a file the device
+    decoder cannot take (PNG, CMYK, ...), the finished uint8 pixels of the CPU path."""
+
+    def __init__(self, path, view, data=None, params=None, pixels=None):
+        self.path, self.data, self.params, self.pixels = path, data, params, pixels
+        self.kind, self.size = view.kind, view.size                       # the geometry to apply on the device
+
+
+class ImageView:
+    """How one image becomes a model input: a uint8 (3, size, size) tensor after crop, resize and flip.
+
+    kind: 'rrc' / 'simple' / 'center' (see `geometry`). decode:
+      'exact'  PIL full decode + the reference torchvision geometry (its pixels bit for bit, as uint8);
+      'draft'  JPEG files: PIL draft mode (the decoder's DCT-domain downscale by 2, 4 or 8, chosen so
+               the crop still has at least `size` pixels both ways at the reduced scale), then one
+               resize of the crop box only, by torch's uint8 antialiased kernel (crop_resize_flip, the
+               code the device path runs) instead of PIL's crop-then-resize; other files and
+               in-memory images take the exact path;
+      'gpu'    the worker reads the bytes and draws the geometry; the training process decodes and
+               crops on the device (EncodedBatch.decode). Files the device cannot decode go the
+               draft way in the worker.
+    Every path makes the same random draws in the same order as the reference (crop, then flip),
+    so the RNG stream and exact resume do not depend on the path.
+    """
+
+    def __init__(self, kind, size, decode='exact', scale=(0.2, 1.0)):
+        self.kind, self.size, self.decode, self.scale = kind, size, decode, scale
+        self.reference = transforms.Compose(geometry(kind, size, scale))
+        self.loader = load_rgb if decode == 'exact' else open_with_bytes
+
+    def __repr__(self):
+        return f'ImageView({self.kind!r}, {self.size}, decode={self.decode!r})'
+
+    def __call__(self, img):
+        """PIL image (exact path, built-in data) or open_with_bytes' triple -> uint8 tensor or Encoded."""
+        if not isinstance(img, tuple):                                  # load_rgb's or a built-in image
+            return uint8_chw(self.reference(img if img.mode == 'RGB' else img.convert('RGB')))
+        data, img, path = img
+        jpeg = img.format == 'JPEG' and img.mode in ('RGB', 'L')        # what decode_jpeg reads
+        with named_errors(path, (OSError, SyntaxError, ValueError, RuntimeError)):  # decode_jpeg: RuntimeError
+            if self.decode == 'gpu' and jpeg:
+                return Encoded(path, self, data=data, params=self.draw(*img.size))
+            pixels = self.draft(img, data if jpeg else None) if img.format == 'JPEG' else \
+                uint8_chw(self.reference(img.convert('RGB')))           # PNG, ...: the exact path
+            return Encoded(path, self, pixels=pixels) if self.decode == 'gpu' else pixels
+
+    def draw(self, w, h):
+        """The reference's random draws for a w x h image -> (crop or resize parameters, flip)."""
+        size = self.size
+        if self.kind == 'rrc':       # get_params reads only the size: an empty (0, h, w) tensor stands in
+            params = transforms.RandomResizedCrop.get_params(torch.empty(0, h, w), self.scale, (3 / 4, 4 / 3))
+        elif self.kind == 'simple':  # RandomCrop.get_params on the resized, 4-px padded image
+            rw, rh = short_side_resize(w, h, size)
+            i = torch.randint(0, rh + 8 - size + 1, size=(1,)).item()
+            j = torch.randint(0, rw + 8 - size + 1, size=(1,)).item()
+            params = (rw, rh, i, j)
+        else:
+            return short_side_resize(w, h, eval_resize(size)), False
+        return params, bool(torch.rand(1) < 0.5)                       # RandomHorizontalFlip's draw
+
+    def draft(self, img, data=None):
+        """JPEG draft mode, then `crop_resize_flip` on the tensor; the reference's draws. -> uint8 (3, S, S).
+
+        PIL's draft picks the largest DCT-domain reduction s in {1, 2, 4, 8} that keeps the decoded
+        image at least `need` big, i.e. the crop at least `size` pixels both ways; the crop box is then
+        divided by s (rounded to whole pixels of the reduced image). Where s is 1 and the bytes are
+        given (an RGB or grey JPEG), torchvision's decode_jpeg decodes them instead of PIL (~20% faster).
+        """
+        W, H = img.size
+        params, flip = self.draw(W, H)
+        drafted = img.draft('RGB', self.draft_need(W, H, params))       # None: not reducible (e.g. drafted already)
+        s = W / drafted[1][2] if drafted else 1
+        if self.kind == 'rrc' and s > 1:
+            i, j, h, w = params
+            top, left, bottom, right = (round(v / s) for v in (i, j, i + h, j + w))
+            params = (top, left, bottom - top, right - left)
+        if s == 1 and data is not None:
+            pixels = decode_jpeg(data, mode=ImageReadMode.RGB)         # (3, H, W), channels-last memory
+        else:
+            pixels = torch.from_numpy(np.array(img.convert('RGB'))).permute(2, 0, 1)
+        return crop_resize_flip(pixels, self.kind, self.size, params, flip)
+
+    def draft_need(self, W, H, params):
+        """The smallest decoded size (w, h) of a W x H image that keeps the drawn crop >= size both ways."""
+        if self.kind == 'rrc':
+            _, _, h, w = params
+            return math.ceil(W * self.size / w), math.ceil(H * self.size / h)
+        return params[:2]                                              # the short-side resize target (w, h)
+
+
+def crop_resize_flip(img, kind, size, params, flip):
+    """uint8 (3, H, W) -> uint8 (3, size, size) on img's device: the reference geometry with drawn parameters.
+
+    interpolate(antialias=True) has PIL's filters (bicubic a = -0.5, triangle), widened when
+    downscaling. On the CPU it runs the uint8 kernel (several times faster than PIL's resize, PIL's
+    rounding); elsewhere in float, rounded back to uint8 as PIL's output is.
+    """
+    def resize(x, hw, mode):
+        if x.device.type == 'cpu':
+            return torch.nn.functional.interpolate(x[None], size=hw, mode=mode, antialias=True)[0]
+        y = torch.nn.functional.interpolate(x[None].float(), size=hw, mode=mode, antialias=True)[0]
+        return y.round_().clamp_(0, 255).to(torch.uint8)
+
+    if kind == 'rrc':
+        i, j, h, w = params
+        img = resize(img[:, i:i + h, j:j + w], (size, size), 'bicubic')
+    elif kind == 'simple':
+        rw, rh, i, j = params
+        img = torch.nn.functional.pad(resize(img, (rh, rw), 'bilinear')[None], (4, 4, 4, 4), mode='reflect')[0]
+        img = img[:, i:i + size, j:j + size]
+    else:
+        rw, rh = params
+        img = resize(img, (rh, rw), 'bicubic')
+        top, left = int(round((rh - size) / 2.)), int(round((rw - size) / 2.))  # CenterCrop's offsets
+        img = img[:, top:top + size, left:left + size]
+    return (img.flip(-1) if flip else img).contiguous()
+
+
+class EncodedBatch:
+    """A --gpu_decode batch as the loader delivers it; `decode(device)` -> uint8 (N, 3, S, S) there."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def pin_memory(self):                                              # called by the DataLoader's pin thread
+        for e in self.items:
+            e.data = e.data.pin_memory() if e.data is not None else None
+            e.pixels = e.pixels.pin_memory() if e.pixels is not None else None
+        return self
+
+    def decode(self, device):
+        """Batched torchvision.io.decode_jpeg on `device` (nvjpeg on CUDA), then the drawn geometry there.
+
+        If the batched call fails, each image is retried alone, then on the CPU decoder; a file no
+        decoder reads is the one-line error naming it.
+        """
+        jpegs = [e for e in self.items if e.data is not None]
+        try:
+            decoded = decode_jpeg([e.data for e in jpegs], mode=ImageReadMode.RGB, device=device) if jpegs else []
+        except RuntimeError:
+            decoded = [decode_one(e, device) for e in jpegs]
+        decoded = iter(decoded)
+        out = []
+        for e in self.items:
+            if e.data is None:
+                out.append(e.pixels.to(device, non_blocking=True))
+            else:
+                out.append(crop_resize_flip(next(decoded), e.kind, e.size, *e.params))
+        return torch.stack(out)
+
+def decode_one(e, device):
+    """One JPEG on `device`, else on the CPU decoder; neither -> the one-line error naming the file."""
+    try:
+        return decode_jpeg(e.data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        with named_errors(e.path, (RuntimeError,)):
+            return decode_jpeg(e.data, mode=ImageReadMode.RGB).to(device)
+
+
+def collate(batch):
+    """default_collate, except that --gpu_decode samples become one EncodedBatch (bytes of varying length)."""
+    if isinstance(batch[0][0], Encoded):
+        return EncodedBatch([b[0] for b in batch]), torch.utils.data.default_collate([b[1] for b in batch])
+    return torch.utils.data.default_collate(batch)
+
+
+def to_device(imgs, device):
+    """A loader batch -> float (N, 3, S, S) on `device`, ImageNet-normalised there (every script calls this).
+
+    uint8 batches (4x fewer bytes than float to pin and copy) are converted and normalised on the
+    device with ToTensor + Normalize's own arithmetic, so the values are train_transform's to float rounding;
+    EncodedBatch is decoded there first; float batches (finetune.py's timm pipeline) only move.
+    """
+    if isinstance(imgs, EncodedBatch):
+        imgs = imgs.decode(device)
+    imgs = imgs.to(device, non_blocking=True)
+    if imgs.dtype != torch.uint8:
+        return imgs
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return imgs.float().div(255).sub(mean).div(std)
+
+
+def decode_mode(args):
+    """'gpu' (--gpu_decode), 'exact' (--exact_decode) or 'draft' (the default)."""
+    if getattr(args, 'gpu_decode', False) and getattr(args, 'exact_decode', False):
+        raise InputError('--gpu_decode and --exact_decode exclude each other: --exact_decode is the CPU '
+                         'full decode; pass one of them')
+    return 'gpu' if getattr(args, 'gpu_decode', False) else 'exact' if getattr(args, 'exact_decode', False) else 'draft'
+
+
+def train_view(args, crop, scale=(0.2, 1.0)):
+    """The training view of --crop (rrc: RandomResizedCrop(scale) bicubic; simple) with the decode flags' path."""
+    return ImageView(crop, args.input_size, decode_mode(args), scale)
+
+
+def eval_view(args):
+    """Resize to input_size/0.875 (256 for 224), bicubic, center crop: the standard evaluation view."""
+    return ImageView('center', args.input_size, decode_mode(args))
+
+
+def describe_decode(args):
+    """The start line's words for the decode path in use."""
+    if not args.data_path:
+        return 'built-in images, uint8 to the device'
+    return {'gpu': 'JPEG decode on the device (--gpu_decode)', 'exact': 'full CPU decode (--exact_decode)',
+            'draft': 'CPU decode in JPEG draft mode + box resize'}[decode_mode(args)] + ', uint8 to the device'
 
 
 def build_dataset(args, split, transform):
-    """`args.data_path`/<split>/<class>/<image> if --data_path is given, else the built-in shapes."""
+    """`args.data_path`/<split>/<class>/<image> if --data_path is given, else the built-in shapes.
+
+    An ImageView transform brings its own file loader (full decode, lazy open for draft mode, bytes for
+    --gpu_decode); any other transform gets the full-decode RGB loader.
+    """
+    gpu = getattr(transform, 'decode', None) == 'gpu'
+    if getattr(args, 'gpu_decode', False) and not gpu:
+        raise InputError("--gpu_decode is not available here: finetune.py keeps timm's CPU augmentations "
+                         '(RandAugment, random erasing on float tensors); drop --gpu_decode')
     if not args.data_path:
+        if gpu:
+            raise InputError('--gpu_decode decodes JPEG files, and the built-in images are made in memory: '
+                             'pass --data_path with JPEGs, or drop --gpu_decode')
         return SyntheticShapes(args.builtin_size if split == 'train' else max(args.builtin_size // 4, 256),
                                args.input_size, label=args.builtin_label,
                                seed=args.seed * 2 + (split != 'train'), transform=transform)
@@ -662,9 +928,10 @@ def build_dataset(args, split, transform):
         raise InputError(f'no {split}/ folder in --data_path {args.data_path}: expected '
                          f'{root}/<class>/<image> (ImageNet layout), or omit --data_path for the built-in data')
     try:
-        return datasets.ImageFolder(root, transform=transform, loader=load_rgb)
+        dataset = datasets.ImageFolder(root, transform=transform, loader=getattr(transform, 'loader', load_rgb))
     except FileNotFoundError as e:
         raise InputError(f'{root} holds no images ({e}): put images in {root}/<class>/') from None
+    return dataset
 
 
 class EvalShard(torch.utils.data.Sampler):
@@ -684,9 +951,54 @@ class EvalShard(torch.utils.data.Sampler):
         """Evaluation order never changes; kept so callers can treat both samplers alike."""
 
 
+class EpochSeeded(torch.utils.data.Sampler):
+    """Each pass draws the loader workers' base seed from the torch RNG, exactly where and as a fresh
+    DataLoader iterator does, and sends it along with every index (to WorkerSeeded)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        base = int(torch.empty((), dtype=torch.int64).random_().item())
+        return ((i, base) for i in self.sampler)
+
+
+class WorkerSeeded(torch.utils.data.Dataset):
+    """Re-seeds a loader worker when a new pass's base seed arrives, as DataLoader seeds a new worker
+    (random and torch with base + worker id, numpy from both). Persistent workers then draw the same
+    augmentations as fresh per-epoch workers: exact resume survives them."""
+
+    def __init__(self, dataset):
+        self.dataset, self.base = dataset, None
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        i, base = item
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and base != self.base:                    # in the main process: its own RNGs
+            self.base = base
+            random.seed(base + worker.id)
+            torch.manual_seed(base + worker.id)
+            np.random.seed(_generate_state(base, worker.id))
+        return self.dataset[i]
+
+
 def make_loader(dataset, batch_size, rank, world_size, num_workers, train=True, seed=0, accum_iter=1):
     """DataLoader over this rank's shard. Training: shuffled by (seed, epoch), equal shards, ragged
-    tail dropped. Evaluation (train=False): EvalShard, each image counted exactly once in all."""
+    tail dropped. Evaluation (train=False): EvalShard, each image counted exactly once in all.
+
+    Workers persist across epochs and keep 4 batches each in flight; they are re-seeded per pass from
+    the torch RNG (EpochSeeded / WorkerSeeded), so augmentations follow (seed, epoch) as before.
+    The loader's own generator only seeds workers at start-up, which WorkerSeeded overrides.
+    """
     if batch_size < 1:
         raise InputError(f'batch size {batch_size} < 1: give --batch_size of at least 1 (per GPU)')
     if train and len(dataset) < batch_size * world_size * accum_iter:
@@ -696,10 +1008,11 @@ def make_loader(dataset, batch_size, rank, world_size, num_workers, train=True, 
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                                   seed=seed, drop_last=True) if train else \
         EvalShard(dataset, rank, world_size)
+    workers = dict(persistent_workers=True, prefetch_factor=4) if num_workers else {}
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(), drop_last=train,
-        persistent_workers=False)  # workers re-seeded each epoch from the epoch RNG: exact resume
+        WorkerSeeded(dataset), batch_size=batch_size, sampler=EpochSeeded(sampler), num_workers=num_workers,
+        collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=train,
+        generator=torch.Generator().manual_seed(seed), **workers)
     return loader, sampler
 
 
@@ -721,6 +1034,15 @@ def init_distributed():
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return rank, world_size, device
+
+
+def compile_model(model):
+    """torch.compile for --compile. Inductor's own random numbers would give other masks (and drop
+    paths) than eager mode for the same seed; fallback_random keeps torch's, so --compile changes the
+    speed and not the run (a run may resume with or without it)."""
+    import torch._inductor.config
+    torch._inductor.config.fallback_random = True
+    return torch.compile(model)
 
 
 def wrap_ddp(model, device, world_size):
@@ -765,9 +1087,14 @@ def seed_epoch(seed, epoch, rank):
     random.seed(int(state[2]))                                           # timm's RandAugment, crops, erasing
 
 
+BF16_ON_CPU = False          # tests set it: the CUDA path's bf16 casts, run by CPU autocast
+
+
 def autocast(device):
-    """bf16 autocast on CUDA (no grad scaler needed, unlike fp16); plain fp32 on CPU."""
-    return torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+    """bf16 autocast on CUDA (no grad scaler needed, unlike fp16); plain fp32 on CPU unless BF16_ON_CPU."""
+    if device.type == 'cuda' or BF16_ON_CPU:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1022,7 +1349,8 @@ def resume(args, model, optimizer, script):
 
 def run_summary(args, model, num_images, eff_batch, start_epoch, step):
     """The start-up line of a training script: model, data, batch, lr, and where the run starts."""
-    return (f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {num_images} images, '
+    return (f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {num_images} images '
+            f'({describe_decode(args)}), '
             f'effective batch {eff_batch}, lr {args.lr:.3g}, from epoch {start_epoch} (step {step}){warmup_note(args)}')
 
 
@@ -1122,10 +1450,25 @@ def add_common_args(parser):
     a('--output_dir', default='./output', help='checkpoints and log.jsonl go here')
     a('--resume', default='', help="checkpoint path, or 'auto' = <output_dir>/checkpoint-last.pth if any")
     a('--save_freq', type=int, default=20, help='also keep checkpoint-<epoch>.pth every this many epochs')
-    a('--num_workers', type=int, default=10, help='loader processes per GPU; JPEG decoding needs many')
+    a('--num_workers', type=int, default=10, help='loader processes per GPU; JPEG decoding needs many (bench.py --data '
+      'prints the cores per GPU each decode path needs; --gpu_decode needs the fewest)')
     a('--seed', type=int, default=0)
     a('--compile', action='store_true', help='torch.compile the model (faster steps after a slow first one)')
     a('--print_freq', type=int, default=50, help='steps between loss syncs (NaN check, progress bar)')
+    add_decode_args(parser)
+
+
+def add_decode_args(parser):
+    """--exact_decode / --gpu_decode (common.ImageView); the default is JPEG draft mode on the CPU."""
+    a = parser.add_argument
+    a('--exact_decode', action='store_true',
+      help='full-size JPEG decode and torchvision crop-then-resize: bit for bit the old pixels, at about 2x the '
+           'CPU time of the default (draft mode + crop-box resize, on average < 0.05 pixel levels off at 224 px, '
+           '1-2 where the decode is reduced). finetune.py always decodes fully')
+    a('--gpu_decode', action='store_true',
+      help='workers only read file bytes and draw the crops; the training process decodes the batch on its '
+           'device (nvjpeg on CUDA) and crops there: use it when the loader, not the GPU, limits the speed '
+           '(too few CPU cores per GPU). Needs JPEG files (--data_path); not for finetune.py')
 
 
 # Shared flags that are errors when negative or non-finite (if a script has them; None = left to the script).

@@ -32,10 +32,10 @@ from timm.optim import param_groups_layer_decay
 from torchvision import datasets
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, InputError, LossTracker, accuracy,
-                    add_common_args, autocast, build_dataset, init_distributed, load_matching_state, load_rgb,
+                    add_common_args, autocast, build_dataset, compile_model, init_distributed, load_matching_state, load_rgb,
                     log_epoch, lr_at, make_loader, make_output_dir, no_sync_unless, progress, read_encoder,
                     remove_stale_temp_files, resume, resume_path, run, save_training_state, scale_lr, seed_epoch,
-                    set_lr, size_of, start_log, topk_hits, wrap_ddp)
+                    set_lr, size_of, start_log, to_device, topk_hits, wrap_ddp)
 
 SCRIPT = os.path.basename(__file__)                  # recorded in its checkpoints (resume checks it)
 
@@ -202,7 +202,7 @@ def train_one_epoch(model, loader, optimizer, mixup, criterion, device, epoch, s
             break
         if i % args.accum_iter == 0:                                     # per-iteration; x lr_scale per group
             set_lr(optimizer, lr_at(epoch + i / micro_steps, args))
-        imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        imgs, y = to_device(imgs, device), y.to(device, non_blocking=True)
         if mixup is not None:
             imgs, y = mixup(imgs, y)                                     # y: soft targets (N, K)
         last_micro = (i + 1) % args.accum_iter == 0
@@ -233,7 +233,7 @@ def evaluate(model, loader, device, world_size, num_classes, class_ids=None):
     k = num_classes if class_ids is None else len(class_ids)
     for imgs, y in loader:
         with autocast(device):
-            logits = model(imgs.to(device, non_blocking=True)).float()  # (N, K)
+            logits = model(to_device(imgs, device)).float()            # (N, K)
         if class_ids is not None:
             logits = logits[:, class_ids]                                # (N, classes of this set)
         hits += topk_hits(logits, y.to(device), k)
@@ -306,7 +306,7 @@ def fine_tune(args, raw_model, arch, pool, val_set, val_loader, rank, world_size
     optimizer = layer_decay_optimizer(raw_model, args, device)
     start_epoch, step, resumed = resume(args, raw_model, optimizer, SCRIPT)  # before compile/DDP wrap it
     best = resumed.get('best_top1', 0.) if resumed else 0.
-    model = wrap_ddp(torch.compile(raw_model) if args.compile else raw_model, device, world_size)
+    model = wrap_ddp(compile_model(raw_model) if args.compile else raw_model, device, world_size)
     if rank == 0:
         remove_stale_temp_files(args.output_dir)
         start_log(args, start_epoch if resumed else None)

@@ -36,10 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (WD_RULES, Block, InputError, LayerNorm, LossTracker, ViTEncoder, adamw, add_common_args, autocast,
-                    build_dataset, check_mask_ratio, encoder_state_dict, init_distributed, init_weights, log_epoch,
-                    lr_at, make_loader, make_output_dir, masked_mse, no_sync_unless, pixel_targets, progress,
-                    random_masking, remove_stale_temp_files, restore_order, resume, resume_path, run, run_summary,
-                    save_training_state, scale_lr, seed_epoch, set_lr, start_log, train_transform, vit_arch, wrap_ddp)
+                    build_dataset, check_mask_ratio, compile_model, encoder_state_dict, init_distributed, init_weights,
+                    log_epoch, lr_at, make_loader, make_output_dir, masked_mse, no_sync_unless, pixel_targets,
+                    progress, random_masking, remove_stale_temp_files, restore_order, resume, resume_path, run,
+                    run_summary, save_training_state, scale_lr, seed_epoch, set_lr, start_log, to_device, train_view,
+                    vit_arch, wrap_ddp)
 
 SCRIPT = os.path.basename(__file__)                  # recorded in every checkpoint: analyze.py rebuilds from it
 
@@ -177,7 +178,7 @@ def train_one_epoch(model, raw_model, loader, optimizer, device, epoch, step, tr
             break
         if i % args.accum_iter == 0:
             set_lr(optimizer, schedule(epoch + i / micro_steps, args))
-        imgs = imgs.to(device, non_blocking=True)
+        imgs = to_device(imgs, device)
         last_micro = (i + 1) % args.accum_iter == 0
         with no_sync_unless(model, last_micro):
             with autocast(device):                                       # bf16 on CUDA, target pass too
@@ -214,7 +215,7 @@ def main(args):
     rank, world_size, device = init_distributed()
     make_output_dir(args.output_dir)
     recipe = resolve_recipe(args)
-    dataset = build_dataset(args, 'train', train_transform(args.input_size, args.crop))
+    dataset = build_dataset(args, 'train', train_view(args, args.crop))
     loader, sampler = make_loader(dataset, args.batch_size, rank, world_size, args.num_workers, seed=args.seed,
                                   accum_iter=args.accum_iter)
     torch.manual_seed(args.seed)                                         # same init on every rank
@@ -223,7 +224,7 @@ def main(args):
     eff_batch = scale_lr(args, world_size)                               # lr = blr x effective batch / 256
     optimizer = adamw(raw_model, args, device)                           # the --wd_rule groups
     start_epoch, step, resumed = resume(args, raw_model, optimizer, SCRIPT)   # target encoder and step too
-    model = wrap_ddp(torch.compile(raw_model) if args.compile else raw_model, device, world_size)
+    model = wrap_ddp(compile_model(raw_model) if args.compile else raw_model, device, world_size)
     if rank == 0:
         remove_stale_temp_files(args.output_dir)                         # left by a kill mid-write
         start_log(args, start_epoch if resumed else None)

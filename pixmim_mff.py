@@ -26,9 +26,9 @@ import os
 import torch
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, WD_RULES, InputError, LossTracker, adamw, add_common_args,
-                    build_dataset, check_mask_ratio, init_distributed, log_epoch, make_loader, make_output_dir,
-                    remove_stale_temp_files, resume, resume_path, run, run_summary, save_training_state, scale_lr,
-                    seed_epoch, start_log, train_transform, vit_arch, wrap_ddp)
+                    build_dataset, check_mask_ratio, compile_model, init_distributed, log_epoch, make_loader,
+                    make_output_dir, remove_stale_temp_files, resume, resume_path, run, run_summary,
+                    save_training_state, scale_lr, seed_epoch, start_log, train_view, vit_arch, wrap_ddp)
 from mae_mff import FUSION_LOG, MaskedAutoencoder, parse_mff_layers, train_one_epoch
 
 SCRIPT = os.path.basename(__file__)                  # recorded in every checkpoint: analyze.py rebuilds from it
@@ -120,7 +120,7 @@ def main(args):
     rank, world_size, device = init_distributed()
     make_output_dir(args.output_dir)
     recipe = resolve_recipe(args)
-    dataset = build_dataset(args, 'train', train_transform(args.input_size, args.crop))
+    dataset = build_dataset(args, 'train', train_view(args, args.crop))
     loader, sampler = make_loader(dataset, args.batch_size, rank, world_size, args.num_workers, seed=args.seed,
                                   accum_iter=args.accum_iter)
     torch.manual_seed(args.seed)                                         # same init on every rank
@@ -129,7 +129,7 @@ def main(args):
     eff_batch = scale_lr(args, world_size)                               # lr = blr x effective batch / 256
     optimizer = adamw(raw_model, args, device)                           # the --wd_rule groups
     start_epoch, step, resumed = resume(args, raw_model, optimizer, SCRIPT)   # before compile/DDP wrap it
-    model = wrap_ddp(torch.compile(raw_model) if args.compile else raw_model, device, world_size)
+    model = wrap_ddp(compile_model(raw_model) if args.compile else raw_model, device, world_size)
     if rank == 0:
         remove_stale_temp_files(args.output_dir)                         # left by a kill mid-write
         start_log(args, start_epoch if resumed else None, extra_logs=[FUSION_LOG])

@@ -26,12 +26,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import Lars
-from torchvision import transforms
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, InputError, NonFiniteLossError, accuracy, autocast,
-                    build_dataset, eval_transform, init_distributed, load_encoder, log_epoch, lr_at, make_loader,
-                    make_output_dir, no_sync_unless, progress, run, seed_epoch, set_lr, start_log, topk_hits,
-                    warmup_note, wrap_ddp)
+from common import (InputError, NonFiniteLossError, accuracy, add_decode_args, autocast, build_dataset,
+                    describe_decode, eval_view, init_distributed, load_encoder, log_epoch, lr_at, make_loader,
+                    make_output_dir, no_sync_unless, progress, run, seed_epoch, set_lr, start_log, to_device, topk_hits,
+                    train_view, warmup_note, wrap_ddp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,7 +117,7 @@ def extract(encoder, loader, pool, layer, norm, device, rank=0):
     i = 0
     for imgs, y in progress(loader, rank, desc='extracting features'):
         with autocast(device):
-            f = features(encoder, imgs.to(device, non_blocking=True), pool, layer, norm)
+            f = features(encoder, to_device(imgs, device), pool, layer, norm)
         feats[i:i + len(y)], labels[i:i + len(y)] = f, y
         i += len(y)
     return feats, labels
@@ -136,7 +135,7 @@ def batches(encoder, source, args, device, shuffle):
         return
     for imgs, y in source:
         with torch.no_grad(), autocast(device):
-            f = features(encoder, imgs.to(device, non_blocking=True), args.pool, args.layer, args.feature_norm == 'on')
+            f = features(encoder, to_device(imgs, device), args.pool, args.layer, args.feature_norm == 'on')
         yield f.float(), y.to(device, non_blocking=True)
 
 
@@ -250,13 +249,6 @@ def evaluate(head, encoder, val_src, num_classes, args, device, world_size):
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
-def probe_train_transform(size):
-    """MAE main_linprobe: RandomResizedCrop (torchvision's default scale 0.08-1, bicubic) + flip."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
 RECIPE_BATCH = 16384                           # effective batch of every reference probe (SPEC s.5)
 
 
@@ -297,9 +289,9 @@ def main(args):
     make_output_dir(args.output_dir)
     if rank == 0:
         start_log(args)                                                  # log.jsonl: this run only
-    train_set = build_dataset(args, 'train', probe_train_transform(args.input_size) if args.aug
-                              else eval_transform(args.input_size))
-    val_set = build_dataset(args, 'val', eval_transform(args.input_size))
+    # MAE main_linprobe: RandomResizedCrop (torchvision's default scale 0.08-1, bicubic) + flip
+    train_set = build_dataset(args, 'train', train_view(args, 'rrc', scale=(0.08, 1.)) if args.aug else eval_view(args))
+    val_set = build_dataset(args, 'val', eval_view(args))
     num_classes = len(train_set.classes)
     loader = lambda ds, train: make_loader(ds, args.batch_size, rank, world_size, args.num_workers,  # noqa: E731
                                            train=train, seed=args.seed, accum_iter=args.accum_iter)[0]
@@ -312,7 +304,7 @@ def main(args):
     if rank == 0:
         print(f'{args.checkpoint} ({found}): ViT D={encoder.cls_token.shape[-1]} depth={encoder.depth} at {args.input_size}px, block '
               f'{args.layer}, pool {args.pool}, final norm {args.feature_norm}, {len(train_set)} train / '
-              f'{len(val_set)} val images, {num_classes} classes, '
+              f'{len(val_set)} val images, {num_classes} classes, {describe_decode(args)}, '
               f'{"re-encoding each batch" if args.aug else f"cached in {time.time() - start:.1f}s"}'
               + ('' if args.knn else f', effective batch {args.eff_batch} ({args.batch_size} x {args.accum_iter} '
                  f'accum_iter x {world_size} processes), lr {args.lr:.3g}{warmup_note(args)}'), flush=True)
@@ -390,6 +382,7 @@ def get_args_parser():
     a('--num_workers', type=int, default=10, help='loader processes (0 in --preset laptop)')
     a('--output_dir', default='./output/probe', help='log.jsonl and the JSON result file go here')
     a('--seed', type=int, default=0)
+    add_decode_args(p)
     return p
 
 

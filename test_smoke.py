@@ -721,7 +721,7 @@ def test_encoder_is_untouched_by_probing(pool, tmp_path):
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     args = probe_args('--checkpoint', 'x', '--pool', pool, '--epochs', '2', '--batch_size', '16',
                       '--output_dir', str(tmp_path), '--layer', '1')
-    train = SyntheticShapes(32, 32, transform=probe.probe_train_transform(32))
+    train = SyntheticShapes(32, 32, transform=common.ImageView('rrc', 32, scale=(0.08, 1.)))  # probe.py's --aug view
     val = SyntheticShapes(16, 32, seed=1, transform=eval_transform(32))
     val_src = make_loader(val, 16, 0, 1, 0, train=False)[0]
     # re-encoding path (augmented): the encoder runs inside every training step
@@ -2200,3 +2200,166 @@ def test_pickled_module_and_unknown_state_dict_are_one_line_errors(tmp_path):
             read_checkpoint(str(tmp_path / name))
         assert words in str(e.value) and '\n' not in str(e.value)
     assert 'OpenMMLab' in str(e.value) and 'PiLaMIM' in str(e.value) and 'timm:NAME' in str(e.value)
+
+
+# ==============================================================================================
+# Input pipeline (uint8 to the device, JPEG draft mode, --gpu_decode, persistent workers) and the
+# code paths that otherwise run only on a GPU (--compile, bf16 autocast), exercised on the CPU.
+
+import bench  # noqa: E402
+
+
+def write_jpegs(root, n=8, classes=('a', 'b')):
+    """root/<class>/<i>.jpg: bench.py's natural-looking JPEGs, 80x60 and 60x80 (at 16 px, draft mode
+    reduces many crops by 2 or 4)."""
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            bench.natural_jpeg(root / c / f'{c}{i}.jpg', 100 * k + i, (80, 60) if i % 2 else (60, 80))
+
+
+@pytest.fixture(scope='module')
+def jpeg_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp('jpegs')
+    write_jpegs(root / 'train')
+    write_jpegs(root / 'val', n=4)
+    return root
+
+
+def loader_batch(dataset, batch_size=16, rng_after=None):
+    """The first training batch of epoch 0, RNGs set as the scripts set them (transforms draw from the
+    torch RNG with 0 workers: rng_after collects its next number, which tells the draws were the same)."""
+    loader, sampler = make_loader(dataset, batch_size, 0, 1, 0, seed=0)
+    common.seed_epoch(0, 0, 0)
+    sampler.set_epoch(0)
+    batch = next(iter(loader))[0]
+    if rng_after is not None:
+        rng_after.append(torch.rand(1))
+    return batch
+
+
+def test_uint8_batches_normalised_on_the_device_are_todays_pixels(jpeg_folders):
+    args = argparse.Namespace(data_path=str(jpeg_folders), input_size=16, builtin_size=32, builtin_label='shape',
+                              seed=0, exact_decode=True, gpu_decode=False)
+    cpu = torch.device('cpu')
+    for kind, today in (('rrc', train_transform(16, 'rrc')), ('simple', train_transform(16, 'simple')),
+                        ('center', eval_transform(16))):
+        view = common.train_view(args, kind) if kind != 'center' else common.eval_view(args)
+        after = []
+        batch = loader_batch(common.build_dataset(args, 'train', view), rng_after=after)
+        assert batch.dtype == torch.uint8 and batch.shape == (16, 3, 16, 16)         # 4x fewer bytes to copy
+        reference = loader_batch(common.build_dataset(args, 'train', today), rng_after=after)
+        assert (common.to_device(batch, cpu) - reference).abs().max() <= 1e-5, kind
+        for mode, tolerance in (('draft', 0.1), ('gpu', 0.02)):                  # mean |diff|, normalised units
+            fast = common.ImageView(kind, 16, mode, view.scale)
+            got = loader_batch(common.build_dataset(argparse.Namespace(**{**vars(args), 'exact_decode': False,
+                                                                          'gpu_decode': mode == 'gpu'}), 'train', fast),
+                               rng_after=after)
+            assert isinstance(got, common.EncodedBatch) == (mode == 'gpu')
+            diff = (common.to_device(got, cpu) - reference).abs()
+            assert diff.mean() < tolerance, (kind, mode, diff.mean())
+        assert all(torch.equal(a, after[0]) for a in after), kind     # the same draws on every path
+    shapes = SyntheticShapes(16, 16, transform=common.train_view(args, 'rrc'))  # built-in data: the exact path
+    assert torch.equal(common.to_device(loader_batch(shapes), cpu),
+                       loader_batch(SyntheticShapes(16, 16, transform=train_transform(16))))
+
+
+def test_persistent_workers_draw_what_fresh_workers_draw():
+    data = SyntheticShapes(32, 16, transform=common.ImageView('rrc', 16))
+
+    def epoch(loader, sampler, e):
+        common.seed_epoch(0, e, 0)
+        sampler.set_epoch(e)
+        return [x for x, _ in loader], torch.rand(1)                     # and the main RNG the masks draw from
+
+    loader, sampler = make_loader(data, 8, 0, 1, 1, seed=0)
+    assert loader.persistent_workers and loader.prefetch_factor == 4
+    epoch(loader, sampler, 0)
+    continued = epoch(loader, sampler, 1)                                # same worker process as epoch 0
+    resumed = epoch(*make_loader(data, 8, 0, 1, 1, seed=0), 1)           # a fresh worker, as after --resume
+    sampler = torch.utils.data.DistributedSampler(data, 1, 0, shuffle=True, seed=0, drop_last=True)
+    before = epoch(torch.utils.data.DataLoader(data, 8, sampler=sampler, num_workers=1), sampler, 1)  # old loader
+    for other in (resumed, before):
+        assert all(torch.equal(a, b) for a, b in zip(continued[0], other[0])) and torch.equal(continued[1], other[1])
+
+
+def test_gpu_decode_trains_resumes_exactly_and_names_a_corrupt_file(jpeg_folders, tmp_path, capsys):
+    data = tmp_path / 'data'
+    shutil.copytree(jpeg_folders, data)
+    Image.open(data / 'train' / 'a' / 'a0.jpg').save(data / 'train' / 'a' / 'png.png')        # CPU fallbacks
+    Image.open(data / 'train' / 'a' / 'a1.jpg').convert('CMYK').save(data / 'train' / 'b' / 'cmyk.jpg')
+    flags = ['--data_path', str(data), '--gpu_decode', '--num_workers', '1', '--batch_size', '6',
+             '--epochs', '2', '--save_freq', '1']
+    full = in_process('mae_mff.py', tmp_path / 'full', *flags)
+    assert 'JPEG decode on the device (--gpu_decode)' in capsys.readouterr().out
+    resumed_dir = tmp_path / 'resumed'
+    resumed_dir.mkdir()
+    shutil.copy(tmp_path / 'full' / 'checkpoint-1.pth', resumed_dir / 'checkpoint-last.pth')
+    resumed = in_process('mae_mff.py', resumed_dir, *flags, '--resume', 'auto')
+    assert full[-1]['loss'] == resumed[-1]['loss'] and full[-1]['step'] == resumed[-1]['step'] == 6
+    a = torch.load(tmp_path / 'full' / 'checkpoint-2.pth', weights_only=True)['model']
+    b = torch.load(resumed_dir / 'checkpoint-2.pth', weights_only=True)['model']
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    good = (data / 'train' / 'a' / 'a2.jpg').read_bytes()
+    (data / 'train' / 'a' / 'broken.jpg').write_bytes(good[:len(good) // 3])    # a header, then cut short
+    for decode in (['--gpu_decode'], []):                                # the device path and the draft path
+        with pytest.raises(InputError, match=r'cannot read image .*broken\.jpg .*delete or replace'):
+            in_process('mae_mff.py', tmp_path / 'bad', *flags[:2], *decode, '--batch_size', '19', '--epochs', '1')
+
+
+def test_gpu_decode_and_exact_decode_refused_where_they_cannot_work(pretrained, tmp_path):
+    with pytest.raises(InputError, match='built-in images are made in memory'):
+        mae_mff.main(cli_args('--gpu_decode', '--output_dir', tmp_path))
+    with pytest.raises(InputError, match='exclude each other'):
+        mae_mff.main(cli_args('--gpu_decode', '--exact_decode', '--output_dir', tmp_path))
+    with pytest.raises(InputError, match="finetune.py keeps timm's CPU augmentations"):
+        finetune_run('--checkpoint', pretrained, '--output_dir', tmp_path, *FT_CLI, '--gpu_decode')
+
+
+# One optimizer step per epoch on the smallest settings each script takes (inductor compiles are slow).
+STEP_TINY = {
+    'mae_mff.py': [*METHOD_CLI, '--depth', '2', '--mff_layers', '0,1', '--builtin_size', '8', '--batch_size', '8'],
+    'pixmim_mff.py': [*METHOD_CLI, '--depth', '2', '--mff_layers', '0,1', '--builtin_size', '8', '--batch_size', '8'],
+    'pilamim.py': [*METHOD_CLI, '--depth', '2', '--builtin_size', '8', '--batch_size', '8'],
+    'finetune.py': [*FT_CLI, '--builtin_size', '16', '--batch_size', '16', '--accum_iter', '1'],
+}
+
+
+def step_run(script, out, pretrained, *extra):
+    module = importlib.import_module(script[:-3])
+    flags = STEP_TINY[script] + (['--checkpoint', pretrained] if script == 'finetune.py' else [])
+    module.main(module.get_args_parser().parse_args([*map(str, flags), '--output_dir', str(out), *extra]))
+    return read_log(out)
+
+
+@pytest.mark.parametrize('script', ['mae_mff.py', 'pixmim_mff.py', 'pilamim.py', 'finetune.py'])
+def test_compiled_steps_match_eager_and_a_compiled_run_resumes(script, pretrained, tmp_path):
+    eager = step_run(script, tmp_path / 'eager', pretrained)             # 2 epochs of one step each
+    compiled = step_run(script, tmp_path / 'compiled', pretrained, '--compile', '--epochs', '1')
+    assert compiled[0]['loss'] == pytest.approx(eager[0]['loss'], abs=1e-4)  # same masks, drop paths, Mixup
+    resumed = step_run(script, tmp_path / 'compiled', pretrained, '--compile', '--resume', 'auto')
+    assert [r['epoch'] for r in resumed] == [1, 2] and resumed[1]['loss'] == pytest.approx(eager[1]['loss'], abs=1e-4)
+    a = torch.load(tmp_path / 'eager' / 'checkpoint-last.pth', weights_only=True)['model']
+    b = torch.load(tmp_path / 'compiled' / 'checkpoint-last.pth', weights_only=True)['model']
+    assert a.keys() == b.keys()                                          # no '_orig_mod.' prefixes
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_bf16_autocast_on_cpu_runs_every_script_with_fp32_fusion(pretrained, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, 'BF16_ON_CPU', True)                     # common.autocast: the CUDA path's casts
+    seen = []
+    fusion_forward = mae_mff.MultiLevelFusion.forward
+
+    def recording(self, levels):
+        out = fusion_forward(self, levels)
+        seen.append((torch.is_autocast_enabled('cpu'), self.proj[0](levels[0]).dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(mae_mff.MultiLevelFusion, 'forward', recording)
+    for script in STEP_TINY:
+        log = step_run(script, tmp_path / script, pretrained, '--epochs', '1')
+        assert math.isfinite(log[-1]['loss']), script
+    assert len(seen) == 2 and all(s == (True, torch.bfloat16, torch.float32) for s in seen), seen   # MFF-MAE, MFF-PixMIM
+    result = probe.main(probe_args('--checkpoint', pretrained, '--knn', '--builtin_size', '64',
+                                   '--output_dir', str(tmp_path / 'probe')))
+    assert math.isfinite(result['top1'])
