@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -2202,7 +2203,8 @@ def test_pickled_module_and_unknown_state_dict_are_one_line_errors(tmp_path):
     assert 'OpenMMLab' in str(e.value) and 'PiLaMIM' in str(e.value) and 'timm:NAME' in str(e.value)
 
 
-# ==============================================================================================
+# =======================================================================================
+
 # Input pipeline (uint8 to the device, JPEG draft mode, --gpu_decode, persistent workers) and the
 # code paths that otherwise run only on a GPU (--compile, bf16 autocast), exercised on the CPU.
 
@@ -2363,3 +2365,73 @@ def test_bf16_autocast_on_cpu_runs_every_script_with_fp32_fusion(pretrained, tmp
     result = probe.main(probe_args('--checkpoint', pretrained, '--knn', '--builtin_size', '64',
                                    '--output_dir', str(tmp_path / 'probe')))
     assert math.isfinite(result['top1'])
+
+# ----------------------------------------------------------------------------------------------
+# DOCS: README.md and docs/*.md cannot drift from the files and flags they describe
+
+DOCS = ['README.md', *sorted(os.path.join('docs', f) for f in os.listdir(os.path.join(ROOT, 'docs'))
+                             if f.endswith('.md'))]
+
+
+def heading_anchors(markdown):
+    """GitHub's anchors: lower case, punctuation dropped, spaces -> '-'."""
+    return {re.sub(r'[^\w\- ]', '', h.strip().lower()).replace(' ', '-')
+            for h in re.findall(r'^#+ (.+)$', re.sub(r'```.*?```', '', markdown, flags=re.S), flags=re.M)}
+
+
+def doc_bash_commands(markdown):
+    """-> [(script, argv)] for every project script called in a ```bash block (continuations joined,
+    NAME=value assignments of the block substituted, comments dropped)."""
+    commands = []
+    for block in re.findall(r'```bash\n(.*?)```', markdown, flags=re.S):
+        variables = {}
+        for line in block.replace('\\\n', ' ').splitlines():
+            assignment = re.fullmatch(r'\s*([A-Z_]+)=(.*)', line)
+            if assignment:
+                variables[assignment.group(1)] = ' '.join(shlex.split(assignment.group(2)))
+                continue
+            for name, value in variables.items():
+                line = line.replace(f'${name}', value)
+            words = shlex.split(line, comments=True)
+            scripts = [i for i, w in enumerate(words) if w.endswith('.py') and os.path.isfile(os.path.join(ROOT, w))]
+            if scripts and words[0] in ('python', 'python3', 'torchrun') and '-m' not in words[:scripts[0]]:
+                commands.append((words[scripts[0]], words[scripts[0] + 1:]))
+    return commands
+
+
+@pytest.mark.parametrize('doc', DOCS)
+def test_doc_links_and_figures_exist(doc):
+    text = open(os.path.join(ROOT, doc)).read()
+    here = os.path.dirname(os.path.join(ROOT, doc))
+    for target in re.findall(r'\]\(([^)\s]+)\)', text):
+        if re.match(r'[a-z]+:', target):
+            continue                                                     # web links are not checked
+        path, _, anchor = target.partition('#')
+        file = os.path.normpath(os.path.join(here, path)) if path else os.path.join(ROOT, doc)
+        assert os.path.exists(file), f'{doc}: the link {target} points at nothing'
+        if anchor:
+            assert anchor in heading_anchors(open(file).read()), f'{doc}: no heading #{anchor} in {path or doc}'
+    for figure in re.findall(r'(?<![\w/.])((?:\.\./)?figures/[\w./-]+\.png)', text):
+        base = here if figure.startswith('../') else ROOT               # prose names paths from the repo root
+        assert os.path.isfile(os.path.join(base, figure)), f'{doc}: {figure} does not exist'
+
+
+@pytest.mark.parametrize('doc', DOCS)
+def test_doc_commands_parse_with_their_scripts_flags(doc, capsys):
+    commands = doc_bash_commands(open(os.path.join(ROOT, doc)).read())
+    assert commands or doc != 'README.md', 'README.md shows no command'
+    for script, argv in commands:
+        parser = importlib.import_module(script[:-3]).get_args_parser()
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f'{doc}: `{script} {" ".join(argv)}` does not parse: {capsys.readouterr().err.strip()}')
+
+
+def test_doc_command_extraction_sees_continuations_variables_and_comments():
+    text = ('```bash\nC="--checkpoint a.pth b.pth"\npython analyze.py frequency $C   # two\n'
+            'torchrun --nproc_per_node=8 probe.py --checkpoint x \\\n    --pool abmilp\npython -m pytest -q test_smoke.py\n```\n'
+            '```python\npython probe.py --nope\n```\n')
+    assert doc_bash_commands(text) == [('analyze.py', ['frequency', '--checkpoint', 'a.pth', 'b.pth']),
+                                       ('probe.py', ['--checkpoint', 'x', '--pool', 'abmilp'])]
+    assert heading_anchors('## PiLaMIM (`pilamim.py`)\n```bash\n# not a heading\n```') == {'pilamim-pilamimpy'}
