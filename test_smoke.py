@@ -2435,3 +2435,10 @@ def test_doc_command_extraction_sees_continuations_variables_and_comments():
     assert doc_bash_commands(text) == [('analyze.py', ['frequency', '--checkpoint', 'a.pth', 'b.pth']),
                                        ('probe.py', ['--checkpoint', 'x', '--pool', 'abmilp'])]
     assert heading_anchors('## PiLaMIM (`pilamim.py`)\n```bash\n# not a heading\n```') == {'pilamim-pilamimpy'}
+
+
+def test_probe_on_builtin_data_without_the_preset_names_it(pretrained, tmp_path):
+    args = probe.get_args_parser().parse_args(['--checkpoint', pretrained, '--output_dir', str(tmp_path)])
+    with pytest.raises(InputError, match=r'built-in data has 4096 training images, fewer than the effective batch '
+                                         r'16384 .*add --preset laptop'):
+        probe.main(args)
