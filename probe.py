@@ -268,10 +268,6 @@ def resolve_recipe(args):
         raise InputError(f'--knn_t {args.knn_t} must be positive: votes are weighted by exp(similarity / t)')
     args.aug = args.aug and not args.knn
     args.eff_batch = args.batch_size * args.accum_iter * args.world_size
-    if not args.data_path and not args.knn and args.eff_batch > args.builtin_size:
-        raise InputError(f'the built-in data has {args.builtin_size} training images, fewer than the effective batch '
-                         f'{args.eff_batch} of the ImageNet recipe: add --preset laptop (the built-in setting), or pass '
-                         '--data_path, or lower --batch_size / --accum_iter')
     args.lr = args.lr if args.lr is not None else args.blr * args.eff_batch / 256
     if args.feature_norm == 'auto':
         args.feature_norm = 'off' if args.pool == 'abmilp' else 'on'
@@ -290,6 +286,10 @@ def main(args):
                          f'use 0..{encoder.depth - 1}, or -1 for the last')
     args.layer %= encoder.depth
     args.input_size = encoder.patch_embed.img_size[0]                   # the size it was pre-trained at
+    if not args.data_path and not args.knn and args.eff_batch > args.builtin_size:
+        raise InputError(f'the built-in data has {args.builtin_size} training images, fewer than the effective batch '
+                         f'{args.eff_batch} of the ImageNet recipe: add --preset laptop (the built-in setting), or pass '
+                         '--data_path, or lower --batch_size / --accum_iter')
     make_output_dir(args.output_dir)
     if rank == 0:
         start_log(args)                                                  # log.jsonl: this run only
