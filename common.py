@@ -651,7 +651,9 @@ def geometry(kind, size, scale=(0.2, 1.0)):
 
     'rrc': MAE's RandomResizedCrop(scale), bicubic; 'simple': PixMIM's resize + padded random crop;
     'center': the evaluation view, resize to size/0.875 (256 for 224), bicubic, then center crop.
-    The simple crop resizes with torchvision's default (bilinear) interpolation, as mmselfsup's
+    The simple crop pads by `simple_crop_padding(size)`, the reference's 4 px at 224 scaled with the
+    image (1 px at 32), as the low-pass radius is: a fixed 4 px would shift a 32-px image by a whole
+    4-px patch, a far stronger augmentation than the recipe means. The simple crop resizes with torchvision's default (bilinear) interpolation, as mmselfsup's
     PixMIM and mmpretrain's MFF configs do: their published numbers come from it.
     """
     if kind == 'rrc':
@@ -659,11 +661,17 @@ def geometry(kind, size, scale=(0.2, 1.0)):
                 transforms.RandomHorizontalFlip()]
     if kind == 'simple':
         return [transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR),
-                transforms.RandomCrop(size, padding=4, padding_mode='reflect'), transforms.RandomHorizontalFlip()]
+                transforms.RandomCrop(size, padding=simple_crop_padding(size), padding_mode='reflect'),
+                transforms.RandomHorizontalFlip()]
     if kind == 'center':
         return [transforms.Resize(eval_resize(size), interpolation=transforms.InterpolationMode.BICUBIC),
                 transforms.CenterCrop(size)]
     raise InputError(f"unknown --crop '{kind}': use 'rrc' or 'simple'")
+
+
+def simple_crop_padding(size):
+    """PixMIM's RandomCrop padding, 4 px at 224, in proportion to the image: round(4 size / 224)."""
+    return int(round(4 * size / 224))
 
 
 def eval_resize(size):
@@ -748,10 +756,11 @@ class ImageView:
         size = self.size
         if self.kind == 'rrc':       # get_params reads only the size: an empty (0, h, w) tensor stands in
             params = transforms.RandomResizedCrop.get_params(torch.empty(0, h, w), self.scale, (3 / 4, 4 / 3))
-        elif self.kind == 'simple':  # RandomCrop.get_params on the resized, 4-px padded image
+        elif self.kind == 'simple':  # RandomCrop.get_params on the resized, padded image
             rw, rh = short_side_resize(w, h, size)
-            i = torch.randint(0, rh + 8 - size + 1, size=(1,)).item()
-            j = torch.randint(0, rw + 8 - size + 1, size=(1,)).item()
+            pad = 2 * simple_crop_padding(size)
+            i = torch.randint(0, rh + pad - size + 1, size=(1,)).item()
+            j = torch.randint(0, rw + pad - size + 1, size=(1,)).item()
             params = (rw, rh, i, j)
         else:
             return short_side_resize(w, h, eval_resize(size)), False
@@ -805,7 +814,8 @@ def crop_resize_flip(img, kind, size, params, flip):
         img = resize(img[:, i:i + h, j:j + w], (size, size), 'bicubic')
     elif kind == 'simple':
         rw, rh, i, j = params
-        img = torch.nn.functional.pad(resize(img, (rh, rw), 'bilinear')[None], (4, 4, 4, 4), mode='reflect')[0]
+        pad = simple_crop_padding(size)
+        img = torch.nn.functional.pad(resize(img, (rh, rw), 'bilinear')[None], (pad,) * 4, mode='reflect')[0]
         img = img[:, i:i + size, j:j + size]
     else:
         rw, rh = params

@@ -868,7 +868,9 @@ def test_simple_crop_is_bilinear_and_rrc_bicubic():
     simple, rrc = train_transform(32, 'simple').transforms, train_transform(32, 'rrc').transforms
     from torchvision.transforms import InterpolationMode, RandomCrop, RandomResizedCrop, Resize
     assert isinstance(simple[0], Resize) and simple[0].interpolation == InterpolationMode.BILINEAR
-    assert isinstance(simple[1], RandomCrop) and simple[1].padding == 4 and simple[1].padding_mode == 'reflect'
+    assert isinstance(simple[1], RandomCrop) and simple[1].padding == 1 and simple[1].padding_mode == 'reflect'
+    # PixMIM's 4 px at 224, scaled with the image: a shift of at most a quarter of a 4-px patch at 32 px
+    assert [train_transform(n, 'simple').transforms[1].padding for n in (16, 32, 64, 224, 448)] == [0, 1, 1, 4, 8]
     assert isinstance(rrc[0], RandomResizedCrop) and rrc[0].interpolation == InterpolationMode.BICUBIC
     assert rrc[0].scale == (0.2, 1.0)
     with pytest.raises(InputError, match='--crop'):
@@ -1576,31 +1578,55 @@ def test_finetune_without_checkpoint_is_the_supervised_baseline(tmp_path, capsys
 import reproduce  # noqa: E402
 
 
-def test_reproduce_end_to_end_then_a_rerun_skips_every_finished_step(tmp_path):
-    parts = ['pretrain', 'probe', 'knn'] + (['finetune'] if os.path.exists(os.path.join(ROOT, 'finetune.py')) else []) \
-        + (['frequency', 'fusion'] if os.path.exists(os.path.join(ROOT, 'analyze.py')) else [])
-    flags = ['--scale', 'test', '--only', ','.join(parts + ['mae', 'mff_mae']), '--output_dir', tmp_path]
+def image_folder(root, per_class, size=20):
+    """An ImageNet-style folder of built-in shapes as JPEG files: train/ and val/, one folder per shape."""
+    for split, n in per_class.items():
+        data = SyntheticShapes(4 * n * 3, size, seed=split == 'val')
+        done = {c: 0 for c in data.SHAPES}
+        for i in range(len(data)):
+            img, label = data[i]
+            c = data.SHAPES[label]
+            if done[c] < n:
+                os.makedirs(root / split / c, exist_ok=True)
+                img.save(root / split / c / f'{i}.jpg', quality=95)
+                done[c] += 1
+    return root
+
+
+def test_reproduce_on_an_image_folder_end_to_end_then_a_rerun_skips_every_finished_step(tmp_path):
+    # A folder of a few dozen images per class: every step gets batches that fit it (the probe's
+    # ImageNet recipe would need 16384 images, the low-shot subsets hold 4 images here).
+    data = image_folder(tmp_path / 'shapes', {'train': 12, 'val': 4})
+    analyses = ['entropy', 'frequency', 'hessian', 'fusion', 'reconstruct']
+    parts = ['pretrain', 'probe', 'knn', 'noise', 'finetune', 'lowshot'] + analyses
+    flags = ['--scale', 'test', '--data_path', data, '--only', ','.join(parts + ['mae', 'mff_mae']),
+             '--output_dir', tmp_path / 'out']
     first = cli('reproduce.py', *flags)
-    root = tmp_path / 'test'
+    root = tmp_path / 'out' / 'test_shapes'
     res = json.loads((root / 'results.json').read_text())
     runs = res['runs']
     assert set(runs) == {'mae', 'mff_mae'}                               # --only kept the other methods out
     for m in runs:
-        for metric in ['cls_shape', 'abmilp_shape', 'knn_shape'] + (['finetune'] if 'finetune' in parts else []):
+        for metric in ['cls_data', 'mean_data', 'clsraw_data', 'abmilp_data', 'cls_sgd_data', 'knn_data',
+                       'finetune', 'lowshot_10%', 'lowshot_1%']:
             assert 0 <= runs[m][metric]['0'] <= 100, (m, metric)
-        assert math.isfinite(runs[m]['pretrain_loss']['0'])
+        assert math.isfinite(runs[m]['pretrain_loss']['0']) and 'hf_last' in runs[m] and 'hessian_max' in runs[m]
+        assert set(runs[m]['probe_seed:clsraw_data']) == {'0', '1'}       # the probe-noise runs
+        assert runs[m]['sa_gain_data']['0'] == pytest.approx(runs[m]['abmilp_data']['0'] - runs[m]['clsraw_data']['0'])
     assert 'fusion_w0_gain' in runs['mff_mae'] and 'fusion_w0_gain' not in runs['mae']  # only MFF has weights
-    if 'frequency' in parts:
-        assert 'hf_last' in runs['mae'] and 'hf_last' in runs['mff_mae']
-    claim = next(r for r in res['claims'] if r['claim'].startswith('MFF-MAE > MAE, linear probe'))
-    assert claim['value'] == pytest.approx(runs['mff_mae']['cls_shape']['0'] - runs['mae']['cls_shape']['0'])
+    claim = next(r for r in res['claims'] if r['claim'].startswith('MFF-MAE > MAE, linear probe')
+                 and r['methods'] == ['mff_mae', 'mae'])
+    assert claim['value'] == pytest.approx(runs['mff_mae']['cls_data']['0'] - runs['mae']['cls_data']['0'])
     assert claim['verdict'].startswith('one seed, no SE')                # no verdict from one seed
     md = (root / 'results.md').read_text()
-    assert '| claim | published | measured | ± SE | seeds | verdict |' in md and '| MFF-MAE |' in md
+    assert '| claim | published | measured | ± SE | 2 SE | seeds | verdict |' in md and '| MFF-MAE |' in md
+    assert '## Where the spread comes from' in md
+    lowshot = (root / 'lowshot' / 'mae_s0_1' / 'run.log').read_text()
+    assert 'effective batch 4 (' in lowshot or 'batch 4' in lowshot      # 1 image per class, 4 classes
     ckpt = root / 'pretrain' / 'mae_s0' / 'checkpoint-1.pth'
     assert ckpt.exists() and not (ckpt.parent / 'checkpoint-last.pth').exists()
     n = sum(1 for line in first.stdout.splitlines() if line.startswith('['))  # one line per step run
-    assert n == len([v for v in res['steps'].values() if v['done']]) > 2     # results.json lists the whole study
+    assert n == len([v for v in res['steps'].values() if v['done']]) > 20    # results.json lists the whole study
     assert f'{n} steps: 0 done already (skipped), {n} to run' in first.stdout
 
     before = {p: p.stat().st_mtime_ns for p in root.rglob('*.json') if p.name != 'results.json'}
@@ -1608,22 +1634,27 @@ def test_reproduce_end_to_end_then_a_rerun_skips_every_finished_step(tmp_path):
     assert f'{n} steps: {n} done already (skipped), 0 to run' in second.stdout and '[1/' not in second.stdout
     assert {p: p.stat().st_mtime_ns for p in before} == before and ckpt.stat().st_mtime_ns
     assert json.loads((root / 'results.json').read_text())['runs'] == runs
-    cli('reproduce.py', *flags[:3], 'probe,mae', *flags[4:])            # a narrower rerun keeps every result
+    cli('reproduce.py', *flags[:5], 'probe,mae', *flags[6:])            # a narrower rerun keeps every result
     assert json.loads((root / 'results.json').read_text())['runs'] == runs
 
 
 def test_reproduce_claims_arithmetic():
     cfg = {'tasks': ('shape', 'count')}
     runs = {'mae': {'cls_shape': {0: 50., 1: 52., 2: 54.}, 'cls_count': {0: 60., 1: 60., 2: 60.}},
+            'mae_control': {'cls_shape': {0: 58., 1: 61., 2: 64.}},
             'mff_mae': {'cls_shape': {0: 60., 1: 61., 2: 62.}},
             'pilamim': {'cls_shape': {0: 51., 1: 53., 2: 55.}, 'cls_count': {0: 50., 1: 51., 2: 52.}}}
     rows = {r['claim']: r for r in reproduce.claims(runs, cfg)}
-    mff = rows['MFF-MAE > MAE, linear probe [cls], semantic task']
-    assert mff['value'] == pytest.approx(9.) and mff['se'] == pytest.approx(math.sqrt(4 / 3 + 1 / 3))  # Welch SE
-    assert mff['verdict'] == 'holds' and mff['seeds'] == 3
-    assert rows['PiLaMIM > MAE on the semantic task ([cls] probe)']['verdict'] == 'within noise'   # +1 +- 1.6
+    published = rows[f'MFF-MAE > MAE, linear probe [cls], semantic task ({reproduce.AS_PUBLISHED})']
+    assert published['value'] == pytest.approx(9.) and published['se'] == pytest.approx(math.sqrt(4 / 3 + 1 / 3))
+    assert published['verdict'] == 'holds' and published['seeds'] == 3  # Welch SE over seeds
+    alone = rows[f'MFF-MAE > MAE, linear probe [cls], semantic task ({reproduce.FUSION_ALONE})']
+    assert alone['methods'] == ['mff_mae', 'mae_control'] and alone['value'] == pytest.approx(0.)
+    assert alone['verdict'] == 'within noise: the study is too small to see the published gap'  # 2 SE 3.7 > 1.8
+    assert rows['PiLaMIM > MAE on the semantic task ([cls] probe)']['verdict'] == \
+        'within noise, though the published gap would have shown'       # +1 +- 1.6: 2 SE 3.3 < 8.1
     assert rows['PiLaMIM keeps the low-level task ([cls] probe, count)']['verdict'] == 'does not hold'  # -9 +- 0.6
-    assert rows['PixMIM > MAE, linear probe [cls]']['verdict'] == 'not measured'
+    assert rows[f'PixMIM > MAE, linear probe [cls] ({reproduce.AS_PUBLISHED})']['verdict'] == 'not measured'
     assert reproduce.verdict(-3., 1., 3, '>0') == 'does not hold'
     assert reproduce.verdict(-1., 1., 3, 'not<0') == 'holds (no significant loss)'
     assert reproduce.verdict(0.95, 0.01, 3, '>0.9') == 'holds'
@@ -1632,14 +1663,43 @@ def test_reproduce_claims_arithmetic():
     assert reproduce.verdict(5., None, 1, '<0') == 'one seed, no SE: the sign is against the claim'
 
 
-def test_reproduce_dry_run_and_bad_selection(tmp_path):
+def test_reproduce_noise_decomposition():
+    # over seeds sd 2 (both methods), evaluation sd 1 (halves 2 apart), probe sd 1 on seed 0 -> pre-training sqrt(2)
+    cfg = {'tasks': ('shape',), 'seeds': 3}
+    halves = {0: 1., 1: 1., 2: 1.}                                       # (h1 - h2)^2 / 4 with h1 - h2 = 2
+    runs = {m: {'clsraw_shape': {0: 50., 1: 52., 2: 54.}, 'evalvar:clsraw_shape': halves,
+                'probe_seed:clsraw_shape': {0: 50., 1: 51., 2: 49.}, 'cls_shape': {0: 60., 1: 62., 2: 64.},
+                'evalvar:cls_shape': halves} for m in ('mae', 'mff_mae')}
+    rows = {r['metric']: r for r in reproduce.noise(runs, cfg)}
+    raw = rows['clsraw_shape']
+    assert (raw['total'], raw['evaluation'], raw['probe']) == pytest.approx((2., 1., 1.))
+    assert raw['pretraining'] == pytest.approx(math.sqrt(2.)) and raw['se_difference'] == pytest.approx(2 * math.sqrt(2 / 3))
+    assert rows['cls_shape']['probe'] == 0. and rows['cls_shape']['pretraining'] == pytest.approx(math.sqrt(3.))
+    assert rows['finetune']['total'] is None                             # not measured: no numbers invented
+
+
+def test_reproduce_dry_run_every_command_parses_and_bad_selection(tmp_path):
     proc = cli('reproduce.py', '--dry_run', '--output_dir', tmp_path)  # the default study, printed only
     assert 'python mae_mff.py --model mae_vit_tiny_patch4 --depth 6' in proc.stdout
-    assert re.search(r'python probe.py .*--preset laptop', proc.stdout)  # the evaluations' built-in setting
     assert 'python probe.py' in proc.stdout and 'seed 2' in proc.stdout and not (tmp_path / 'laptop').exists()
+    commands = [line.split(': python ', 1)[1] for line in proc.stdout.splitlines() if ': python ' in line]
+    assert len(commands) > 100
+    for command in commands:                                             # every flag exists in its script
+        script, *argv = shlex.split(command)
+        module = importlib.import_module(script[:-3])
+        args = module.get_args_parser().parse_args(argv)
+        if script == 'probe.py':                                         # paired: the same images for every run
+            assert args.builtin_seed == reproduce.EVAL_SEED and args.batch_size == 256 and args.accum_iter == 1
+    assert re.search(r'pretrain mae_control seed 0: .*--mff_layers none --crop simple --wd_rule mmpretrain', proc.stdout)
+    assert re.search(r'pretrain pilamim seed 0: .*--lr_schedule iter', proc.stdout)   # one schedule rule
+    assert re.search(r'--pool cls,mean --solver lbfgs .*--builtin_val_size 4096', proc.stdout)
+    assert re.search(r'--pool cls,abmilp --feature_norm off', proc.stdout)          # raw vs raw
     proc = cli('reproduce.py', '--only', 'probe,bogus', '--output_dir', tmp_path, check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "['bogus']" in lines[0] and 'pretrain' in lines[0]
+    proc = cli('reproduce.py', '--data_path', tmp_path, '--dry_run', '--output_dir', tmp_path, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and 'no train/ folder' in lines[0]
 
 
 # ---------------------------------------------------------------------------------------------- ANALYSIS (analyze.py)
