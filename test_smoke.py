@@ -592,6 +592,18 @@ def test_decoder_gives_the_cls_token_a_position():
         assert (dec(x, ids_restore)[:, 0] - out).abs().max() > 1e-2     # the cls output reads its position
 
 
+def test_analyze_reads_pilamim_checkpoints_from_before_the_decoder_cls_position():
+    model = tiny_pilamim()
+    with torch.no_grad():
+        for dec in (model.pixel_decoder, model.latent_decoder):
+            dec.decoder_pos_embed[:, 0] = 0.                              # what the old decoders did: no cls position
+    state = model.state_dict()
+    old = {k: v[:, 1:] if k.endswith('decoder_pos_embed') else v for k, v in state.items()}   # (1, L, d) there
+    new = analyze.current_record({'model': old, 'args': {}, 'script': 'pilamim.py'})['model']
+    assert new.keys() == state.keys() and all(torch.equal(new[k], state[k]) for k in state)
+    assert analyze.current_record({'model': state, 'args': {}, 'script': 'pilamim.py'})['model'] is state   # new ones
+
+
 def test_pilamim_init_follows_the_public_code():
     """PyTorch's default layers (kaiming-uniform, |w| <= 1/sqrt(fan_in), non-zero biases), not MAE's xavier
     (bound sqrt(6 / (fan_in + fan_out)), larger for every layer picked here; zero biases)."""
