@@ -21,9 +21,9 @@ PyTorch's default init of every Block, the patch conv and the Linear embeds / he
 cls token, mask tokens and decoder positions set (trunc_normal 0.02; `--init mae` for MAE's xavier),
 weight decay on every parameter (`--wd_rule all`), the per-epoch schedule (`--lr_schedule epoch`).
 Kept from the MAE frame for interoperability: the encoders' fixed sin-cos position table with a
-cls row (theirs is learned, (L, 1, D), no cls position) and LayerNorm eps 1e-6 (timm's ViT). The context encoder keeps the top-level timm names (probe.py
-loads it); the target encoder is under `target_encoder.`, the decoders under `pixel_decoder.` and
-`latent_decoder.`.
+cls row (theirs is learned, (L, 1, D), no cls position) and LayerNorm eps 1e-6 (timm's ViT). The
+context encoder keeps the top-level timm names (probe.py loads it); the target encoder is under
+`target_encoder.`, the decoders under `pixel_decoder.` and `latent_decoder.`.
 
     python pilamim.py --preset laptop                             # built-in data, CPU, ~5 minutes
     torchrun --nproc_per_node=8 pilamim.py --epochs 800 --data_path /imagenet
