@@ -566,16 +566,63 @@ def test_latent_targets_paired_with_the_same_patches():
 
 
 def test_decoder_returns_original_patch_order():
-    model = tiny_pilamim(decoder_depth=0)                                 # decoder = embed + pos + norm + head
+    model = tiny_pilamim(decoder_depth=0)                                 # decoder = embed + pos + head
     dec = model.latent_decoder
     x = torch.randn(2, 1 + 4, 32)
     ids_keep, _, ids_restore = common.random_masking(2, 16, 0.75, 'cpu')
     out = dec(x, ids_restore)                                             # (2, 17, 32)
     for n in range(2):
+        cls = dec.decoder_pred(dec.decoder_embed(x[n, 0]) + dec.decoder_pos_embed[0, 0])    # cls: position row 0
+        assert torch.allclose(out[n, 0], cls, atol=1e-5)
         for k in range(4):
             pos = ids_keep[n, k] + 1
-            ref = dec.decoder_pred(dec.decoder_embed(x[n, k + 1]) + dec.decoder_pos_embed[0, pos - 1])  # no norm
+            ref = dec.decoder_pred(dec.decoder_embed(x[n, k + 1]) + dec.decoder_pos_embed[0, pos])  # no norm
             assert torch.allclose(out[n, pos], ref, atol=1e-5)
+
+
+def test_decoder_gives_the_cls_token_a_position():
+    dec = tiny_pilamim().latent_decoder                                   # one block: attention mixes tokens
+    assert dec.decoder_pos_embed.shape == (1, 17, 32) and dec.decoder_pos_embed.requires_grad
+    assert 0.015 < dec.decoder_pos_embed.std() < 0.025                    # trunc_normal 0.02, cls row included
+    x = torch.randn(2, 1 + 4, 32)
+    _, _, ids_restore = common.random_masking(2, 16, 0.75, 'cpu')
+    with torch.no_grad():
+        out = dec(x, ids_restore)[:, 0]
+        dec.decoder_pos_embed[:, 0] += 1.
+        assert (dec(x, ids_restore)[:, 0] - out).abs().max() > 1e-2     # the cls output reads its position
+
+
+def test_analyze_reads_pilamim_checkpoints_from_before_the_decoder_cls_position():
+    model = tiny_pilamim()
+    with torch.no_grad():
+        for dec in (model.pixel_decoder, model.latent_decoder):
+            dec.decoder_pos_embed[:, 0] = 0.                              # what the old decoders did: no cls position
+    state = model.state_dict()
+    old = {k: v[:, 1:] if k.endswith('decoder_pos_embed') else v for k, v in state.items()}   # (1, L, d) there
+    new = analyze.current_record({'model': old, 'args': {}, 'script': 'pilamim.py'})['model']
+    assert new.keys() == state.keys() and all(torch.equal(new[k], state[k]) for k in state)
+    assert analyze.current_record({'model': state, 'args': {}, 'script': 'pilamim.py'})['model'] is state   # new ones
+
+
+def test_pilamim_init_follows_the_public_code():
+    """PyTorch's default layers (kaiming-uniform, |w| <= 1/sqrt(fan_in), non-zero biases), not MAE's xavier
+    (bound sqrt(6 / (fan_in + fan_out)), larger for every layer picked here; zero biases)."""
+    def layers(m):          # patch conv (fan_in 48, fan_out 32), qkv (fan_out 3 fan_in, no bias), an MLP, the heads
+        return [m.patch_embed.proj, m.blocks[0].attn.qkv, m.blocks[1].mlp.fc1, m.target_encoder.blocks[1].attn.qkv,
+                m.pixel_decoder.decoder_blocks[0].attn.qkv, m.latent_decoder.decoder_embed,
+                m.pixel_decoder.decoder_pred]
+    public, mae = tiny_pilamim(), tiny_pilamim(init='mae')
+    assert importlib.import_module('pilamim').get_args_parser().parse_args([]).init == 'public'
+    for layer in layers(public):
+        w, bound = layer.weight.flatten(1), layer.weight[0].numel() ** -.5
+        assert 0.9 * bound < w.abs().max() <= bound and (layer.bias is None or layer.bias.abs().min() > 0), layer
+    for layer in layers(mae):                                             # the control: xavier fails the bound
+        assert layer.weight.abs().max() > layer.weight[0].numel() ** -.5, layer
+        assert layer.bias is None or isinstance(layer, nn.Conv2d) or not layer.bias.any(), layer  # MAE: conv bias default
+    for model in (public, mae):
+        ctx, tgt = common.encoder_state_dict(model.state_dict()), model.target_encoder.state_dict()
+        assert all(torch.equal(ctx[k], tgt[k]) for k in tgt)             # the target starts as a copy
+        assert torch.equal(model.pos_embed[0], common.sincos_pos_embed_2d(32, 4))   # fixed sin-cos kept
 
 
 def test_no_cls_loss_switch():
@@ -915,7 +962,7 @@ def test_pilamim_follows_the_public_code_and_still_loads_downstream(tmp_path):
     model = tiny_pilamim(img_size=32, embed_dim=64)
     keys = model.state_dict().keys()
     assert not any(k.endswith('qkv.bias') for k in keys) and not any('decoder_norm' in k for k in keys)
-    assert model.pixel_decoder.decoder_pos_embed.shape == (1, 64, 32) and model.pixel_decoder.decoder_pos_embed.requires_grad
+    assert model.pixel_decoder.decoder_pos_embed.shape == (1, 65, 32)                # cls row + 64 patches
     path = str(tmp_path / 'pilamim.pth')
     save_checkpoint({'model': model.state_dict(), 'args': {'model': 'x'}}, path)
     encoder = probe.load_encoder(path, probe_args('--checkpoint', path, '--num_heads', '2'))[0]
