@@ -858,6 +858,114 @@ def test_token_cache_that_does_not_fit_is_refused(monkeypatch):
         probe.extract(encoder, loader, 'abmilp', 1, False, torch.device('cpu'))
 
 
+def quick_probe(pretrained, out, *flags):
+    """probe.main on 128 built-in training images and 64 val images, 3 short epochs."""
+    return probe.main(probe_args('--checkpoint', pretrained, '--builtin_size', '128', '--builtin_val_size', '64',
+                                 '--batch_size', '32', '--epochs', '3', '--warmup_epochs', '1', '--output_dir', out,
+                                 *flags))
+
+
+def test_several_pools_share_one_encoder_pass_and_match_single_pool_runs(pretrained, tmp_path, monkeypatch):
+    passes, block_output = [], probe.block_output
+    monkeypatch.setattr(probe, 'block_output', lambda *a: passes.append(1) or block_output(*a))
+    both = quick_probe(pretrained, tmp_path / 'both', '--pool', 'cls,abmilp')
+    assert sorted(both) == ['abmilp', 'cls'] and len(passes) == 4 + 2      # 128 / 32 train + 64 / 32 val batches
+    for pool in ('cls', 'abmilp'):
+        alone = quick_probe(pretrained, tmp_path / pool, '--pool', pool)
+        name = f'probe_{pool}_block1.json'
+        saved, single = (json.load(open(tmp_path / d / name)) for d in ('both', pool))
+        assert saved['top1'] == single['top1'] == alone['top1'] and saved['args']['feature_norm'] == \
+            single['args']['feature_norm'] == ('off' if pool == 'abmilp' else 'on')       # auto, per pool
+        assert [dict(e, epoch_s=0) for e in saved['epochs']] == [dict(e, epoch_s=0) for e in single['epochs']]
+    assert sorted(os.listdir(tmp_path / 'both')) == ['log.jsonl', 'probe_abmilp_block1.json', 'probe_cls_block1.json']
+    knn = quick_probe(pretrained, tmp_path / 'knn', '--knn', '--pool', 'cls,mean', '--feature_norm', 'off')
+    assert knn['mean']['top1'] == quick_probe(pretrained, tmp_path / 'knn1', '--knn', '--pool', 'mean',
+                                              '--feature_norm', 'off')['top1']
+    assert knn['cls']['args']['feature_norm'] == 'off'                  # on/off: every pool
+    for flags, words in ((['--pool', 'cls,cls'], 'names cls twice'), (['--pool', 'cls,max'], "unknown pooling 'max'"),
+                         (['--pool', 'cls,mean', '--aug'], 'one pool per run, or --no_aug'),
+                         (['--knn', '--pool', 'cls,abmilp'], 'cannot learn abmilp attention')):
+        with pytest.raises(InputError, match=words):
+            probe_args('--checkpoint', 'x', *flags)
+
+
+def test_top1_halves_split_the_evaluation_set_in_dataset_order(pretrained, tmp_path):
+    assert probe.top1_halves(torch.tensor([1, 1, 0, 0, 0, 1, 1]).bool(), 1) == [pytest.approx(200 / 3), 50.]
+    for flags in ([], ['--knn'], ['--solver', 'lbfgs']):                # 64 val images: halves of 32
+        r = quick_probe(pretrained, tmp_path / '_'.join(flags or ['sgd']), '--pool', 'mean', *flags)
+        saved = json.load(open(next((tmp_path / '_'.join(flags or ['sgd'])).glob('*_mean_block1.json'))))
+        assert saved['top1_halves'] == r['top1_halves'] and len(r['top1_halves']) == 2
+        assert sum(r['top1_halves']) / 2 == pytest.approx(r['top1'], abs=0.01), r   # the SGD log rounds to 0.01
+
+
+def blobs(n, dim=32, spread=1., seed=0):
+    """n features of 4 Gaussian classes (fixed class means of norm about `spread` x sqrt(dim)), shifted and scaled."""
+    means = torch.randn(4, dim, generator=torch.Generator().manual_seed(99))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    return 3 * (spread * means[y] + torch.randn(n, dim, generator=g)) + 5, y   # standardise() undoes the scale
+
+
+def test_lbfgs_probe_reaches_the_minimum_and_is_seed_free(pretrained, tmp_path):
+    x, y = blobs(512, spread=0.3)
+    xs = probe.standardise(x.double())[0]
+    assert torch.allclose(xs.mean(0), torch.zeros(32, dtype=torch.float64), atol=1e-9)
+    W, b = probe.fit_logreg(xs, y, 4, 1e-3)
+    lbfgs = probe.objective(xs, y, W, b, 1e-3).item()
+    torch.manual_seed(0)                                                 # a reference solved another way
+    W2, b2 = torch.zeros(32, 4, dtype=torch.float64, requires_grad=True), torch.zeros(4, dtype=torch.float64,
+                                                                                        requires_grad=True)
+    opt = torch.optim.Adam([W2, b2], lr=0.05)
+    for _ in range(1500):
+        opt.zero_grad()
+        loss = probe.objective(xs, y, W2, b2, 1e-3)
+        loss.backward()
+        opt.step()
+    assert lbfgs <= probe.objective(xs, y, W2, b2, 1e-3).item() + 1e-8           # of about 0.34
+    separable = probe.logreg_probe(blobs(256, spread=3.), blobs(64, spread=3.), 4)
+    assert separable['top1'] == 100.0 and separable['solver'] == 'lbfgs'
+    # seed-free on a real checkpoint: the probe seed changes nothing when the images are the same
+    runs = [quick_probe(pretrained, tmp_path / str(seed), '--solver', 'lbfgs', '--seed', seed, '--builtin_seed', 0)
+            for seed in (0, 1)]
+    assert runs[0]['top1'] == runs[1]['top1'] and runs[0]['heldout_top1'] == runs[1]['heldout_top1']
+    assert 'epochs' not in runs[0] and runs[0]['top1'] > 25
+    for flags, words in ((['--pool', 'abmilp'], 'trained by SGD'), (['--pool', 'cls,abmilp'], 'trained by SGD'),
+                         (['--aug'], 'add --no_aug')):
+        with pytest.raises(InputError, match=words):
+            probe_args('--checkpoint', 'x', '--solver', 'lbfgs', *flags)
+
+
+def test_lbfgs_lambda_is_the_best_on_the_held_out_split(monkeypatch):
+    # 160 images to fit 64 noisy dimensions: an unregularised fit overfits, a strong L2 generalises
+    train, val = blobs(200, dim=64, spread=0.3, seed=1), blobs(400, dim=64, spread=0.3, seed=2)
+    r = probe.logreg_probe(train, val, 4)
+    heldout = {float(k): v for k, v in r['heldout_top1'].items()}
+    assert sorted(heldout) == sorted(probe.LAMBDAS) and r['lambda'] in heldout
+    assert r['lambda'] == max(k for k, v in heldout.items() if v == max(heldout.values()))   # best; ties: stronger
+    assert heldout[r['lambda']] > heldout[1e-6], heldout
+    monkeypatch.setattr(probe, 'LAMBDAS', [1e-6])                        # no choice: the nearly unregularised fit
+    assert probe.logreg_probe(train, val, 4)['top1'] < r['top1']
+
+
+def test_builtin_seed_and_val_size_fix_the_evaluation_images(tmp_path):
+    base = dict(data_path='', builtin_size=64, input_size=16, builtin_label='shape', gpu_decode=False)
+    old = common.build_dataset(argparse.Namespace(**base, seed=3), 'val', None)       # a script without the flags
+    assert len(old) == 256 and old.seed == 7
+    views = [common.build_dataset(argparse.Namespace(**base, seed=s, builtin_seed=5, builtin_val_size=40), split, None)
+             for s in (0, 1) for split in ('train', 'val')]
+    assert [(len(d), d.seed) for d in views] == [(64, 10), (40, 11)] * 2
+    assert (views[1][7][0].tobytes(), views[1][7][1]) == (views[3][7][0].tobytes(), views[3][7][1])  # same images
+    args = finetune.get_args_parser().parse_args(['--builtin_seed', '2', '--builtin_val_size', '300'])
+    assert (args.builtin_seed, args.builtin_val_size) == (2, 300)        # finetune.py has them too
+
+
+@pytest.mark.parametrize('flags,words', [(['--builtin_val_size', '0'], '--builtin_val_size 0 < 1'),
+                                         (['--builtin_seed', '-1'], '--builtin_seed -1 is negative')])
+def test_bad_builtin_flags_are_one_line_errors(tmp_path, monkeypatch, capsys, flags, words):
+    fails_in_one_line('probe.py', ['--checkpoint', tmp_path / 'none.pth', '--output_dir', tmp_path / 'out', *flags],
+                      monkeypatch, capsys, words)
+
+
 # ---------------------------------------------------------------------------------------------- REFERENCE DEFAULTS (issue 9)
 
 def decayed_names(model, rule):
@@ -1337,9 +1445,10 @@ probe.resolve_recipe(args)
 linear = [probe.evaluate(head, encoder, (val_x, val_y), 4, args, device, world),     # cached features
           probe.evaluate(head, encoder, loader(val), 4, args, device, world)]        # re-encoded
 probe.train_probe(encoder, (train_x, train_y), (val_x, val_y), 4, args, device, rank, world)  # 3 vs 2 local steps
+lbfgs = probe.logreg_probe((train_x, train_y), (val_x, val_y), 4, world)     # gathered, solved on every rank
 if rank == 0:
-    json.dump({{'knn': knn, 'linear': linear, 'bank_y': bank_y.tolist(), 'bank_x': bank_x.sum().item()}},
-              open(sys.argv[1], 'w'))
+    json.dump({{'knn': knn, 'linear': linear, 'bank_y': bank_y.tolist(), 'bank_x': bank_x.sum().item(),
+               'lbfgs': [lbfgs[k] for k in ('top1', 'top1_halves', 'lambda', 'heldout_top1')]}}, open(sys.argv[1], 'w'))
 import common
 common.close_distributed()                      # else gloo may abort the exit ("terminate called ...")
 '''
@@ -1355,8 +1464,10 @@ def test_evaluation_under_torchrun_counts_every_image_once(tmp_path):
     one, two = json.load(open(tmp_path / 'one.json')), json.load(open(tmp_path / 'two.json'))
     assert one['bank_y'] == two['bank_y'] == [SyntheticShapes(41, 16)[i][1] for i in range(41)]  # dataset order
     assert two['bank_x'] == pytest.approx(one['bank_x'], rel=1e-5)
-    assert one['knn'] == two['knn'] and one['linear'] == two['linear']
+    assert one['knn'] == two['knn'] and one['linear'] == two['linear'] and one['lbfgs'] == two['lbfgs']
     assert one['linear'][0] == one['linear'][1] and round(one['knn'][0] * 27 / 100, 6) % 1 == 0   # hits of 27
+    top1, halves = one['linear'][0][0], one['linear'][0][2]              # halves of 13 and 14 images, in order
+    assert halves[0] * 13 + halves[1] * 14 == pytest.approx(top1 * 27)
 
 
 def children(pid):
