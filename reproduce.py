@@ -23,6 +23,7 @@ import glob
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -323,7 +324,7 @@ def minutes(seconds):
 
 
 def shown(cmd):
-    return 'python ' + ' '.join(map(str, cmd))
+    return 'python ' + shlex.join(map(str, cmd))                         # quoted: copy-paste runs it
 
 
 def execute(steps, dry_run):
