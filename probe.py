@@ -273,10 +273,9 @@ def logreg_probe(train_src, val_src, num_classes, world_size=1):
     x, val_x = standardise(x, val_src[0].double())
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).to(y.device)
     held, fit = order[:len(y) // 5], order[len(y) // 5:]
-    solutions, heldout, eig = {}, {}, spectrum(x[fit])
-    for lam in LAMBDAS:
-        solutions[lam] = fit_logreg(x[fit], y[fit], num_classes, lam, solutions.get(lam * 10), eig)
-        W, b = solutions[lam]
+    solutions, heldout, eig, previous = {}, {}, spectrum(x[fit]), None
+    for lam in LAMBDAS:                                                  # each starts from the one before
+        W, b = previous = solutions[lam] = fit_logreg(x[fit], y[fit], num_classes, lam, previous, eig)
         heldout[lam] = 100 * ((x[held] @ W + b).argmax(1) == y[held]).double().mean().item()
     best = max(LAMBDAS, key=lambda lam: (heldout[lam], lam))
     W, b = fit_logreg(x, y, num_classes, best, solutions[best])

@@ -1398,6 +1398,7 @@ probe.resolve_recipe(args)
 linear = [probe.evaluate(head, encoder, (val_x, val_y), 4, args, device, world),     # cached features
           probe.evaluate(head, encoder, loader(val), 4, args, device, world)]        # re-encoded
 probe.train_probe(encoder, (train_x, train_y), (val_x, val_y), 4, args, device, rank, world)  # 3 vs 2 local steps
+probe.LAMBDAS = [1e-1, 1e-2]                                             # small lambdas: slow on 33 images
 lbfgs = probe.logreg_probe((train_x, train_y), (val_x, val_y), 4, world)     # gathered, solved on every rank
 if rank == 0:
     json.dump({{'knn': knn, 'linear': linear, 'bank_y': bank_y.tolist(), 'bank_x': bank_x.sum().item(),
