@@ -889,7 +889,8 @@ def test_several_pools_share_one_encoder_pass_and_match_single_pool_runs(pretrai
             probe_args('--checkpoint', 'x', *flags)
 
 
-def test_top1_halves_split_the_evaluation_set_in_dataset_order(pretrained, tmp_path):
+def test_top1_halves_split_the_evaluation_set_in_dataset_order(pretrained, tmp_path, monkeypatch):
+    monkeypatch.setattr(probe, 'LAMBDAS', [1e-1, 1e-2])                 # small lambdas are slow on 102 images
     assert probe.top1_halves(torch.tensor([1, 1, 0, 0, 0, 1, 1]).bool(), 1) == [pytest.approx(200 / 3), 50.]
     for flags in ([], ['--knn'], ['--solver', 'lbfgs']):                # 64 val images: halves of 32
         r = quick_probe(pretrained, tmp_path / '_'.join(flags or ['sgd']), '--pool', 'mean', *flags)
@@ -906,7 +907,7 @@ def blobs(n, dim=32, spread=1., seed=0):
     return 3 * (spread * means[y] + torch.randn(n, dim, generator=g)) + 5, y   # standardise() undoes the scale
 
 
-def test_lbfgs_probe_reaches_the_minimum_and_is_seed_free(pretrained, tmp_path):
+def test_lbfgs_probe_reaches_the_minimum_and_is_seed_free(pretrained, tmp_path, monkeypatch):
     x, y = blobs(512, spread=0.3)
     xs = probe.standardise(x.double())[0]
     assert torch.allclose(xs.mean(0), torch.zeros(32, dtype=torch.float64), atol=1e-9)
@@ -925,6 +926,7 @@ def test_lbfgs_probe_reaches_the_minimum_and_is_seed_free(pretrained, tmp_path):
     separable = probe.logreg_probe(blobs(256, spread=3.), blobs(64, spread=3.), 4)
     assert separable['top1'] == 100.0 and separable['solver'] == 'lbfgs'
     # seed-free on a real checkpoint: the probe seed changes nothing when the images are the same
+    monkeypatch.setattr(probe, 'LAMBDAS', [1e-1, 1e-2, 1e-3])            # small lambdas are slow on 102 images
     runs = [quick_probe(pretrained, tmp_path / str(seed), '--solver', 'lbfgs', '--seed', seed, '--builtin_seed', 0)
             for seed in (0, 1)]
     assert runs[0]['top1'] == runs[1]['top1'] and runs[0]['heldout_top1'] == runs[1]['heldout_top1']
@@ -1445,6 +1447,7 @@ probe.resolve_recipe(args)
 linear = [probe.evaluate(head, encoder, (val_x, val_y), 4, args, device, world),     # cached features
           probe.evaluate(head, encoder, loader(val), 4, args, device, world)]        # re-encoded
 probe.train_probe(encoder, (train_x, train_y), (val_x, val_y), 4, args, device, rank, world)  # 3 vs 2 local steps
+probe.LAMBDAS = [1e-1, 1e-2]                                             # small lambdas: slow on 33 images
 lbfgs = probe.logreg_probe((train_x, train_y), (val_x, val_y), 4, world)     # gathered, solved on every rank
 if rank == 0:
     json.dump({{'knn': knn, 'linear': linear, 'bank_y': bank_y.tolist(), 'bank_x': bank_x.sum().item(),
