@@ -2236,7 +2236,7 @@ class PublicPiLaMIMEncoder(nn.Module):
 @pytest.fixture(scope='module')
 def released(tmp_path_factory):
     """Small random models and their files in each released format (+ the same weights in our form)."""
-    root, files = tmp_path_factory.mktemp('released'), {}
+    root = tmp_path_factory.mktemp("released")
     torch.manual_seed(0)
     mff = MaskedAutoencoder(**RELEASED, depth=3, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=16,
                             norm_pix_loss=True, mff_layers=(0, 1, 2)).eval()
