@@ -64,13 +64,21 @@ def encoder_of(path, args):
 def current_record(ckpt):
     """-> the checkpoint with the record the scripts write now. Official MAE (main_pretrain.py pickles its args
     as a Namespace, records no script) is mae_mff.py with --mff_layers none; ours from before --model names
-    stated the patch (--model mae_vit_tiny_patch16 --patch_size 4) get the name mae_vit_tiny_patch4."""
+    stated the patch (--model mae_vit_tiny_patch16 --patch_size 4) get the name mae_vit_tiny_patch4; pilamim.py's
+    from before its decoders' cls position ((1, L, d) decoder_pos_embed) get a zero cls row, the same model."""
     if 'script' not in ckpt and isinstance(ckpt.get('args'), argparse.Namespace):
         ckpt = dict(ckpt, script='mae_mff.py', args={**vars(ckpt['args']), 'mff_layers': 'none'})
     recorded = ckpt.get('args')
     if isinstance(recorded, dict) and recorded.get('patch_size') and isinstance(recorded.get('model'), str):
         model = re.sub(r'_patch\d+$', f"_patch{recorded['patch_size']}", recorded['model'])
         ckpt = dict(ckpt, args={k: v for k, v in {**recorded, 'model': model}.items() if k != 'patch_size'})
+    state = ckpt.get('model')
+    if ckpt.get('script') == 'pilamim.py' and isinstance(state, dict) and 'pos_embed' in state:
+        old = {k: v for k, v in state.items() if k.endswith('decoder.decoder_pos_embed')
+               and v.shape[1] == state['pos_embed'].shape[1] - 1}        # patches only, no cls row
+        if old:
+            ckpt = dict(ckpt, model={**state, **{k: torch.cat([v.new_zeros(1, 1, v.shape[-1]), v], 1)
+                                                 for k, v in old.items()}})
     return ckpt
 
 

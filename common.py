@@ -651,7 +651,9 @@ def geometry(kind, size, scale=(0.2, 1.0)):
 
     'rrc': MAE's RandomResizedCrop(scale), bicubic; 'simple': PixMIM's resize + padded random crop;
     'center': the evaluation view, resize to size/0.875 (256 for 224), bicubic, then center crop.
-    The simple crop resizes with torchvision's default (bilinear) interpolation, as mmselfsup's
+    The simple crop pads by `simple_crop_padding(size)`, the reference's 4 px at 224 scaled with the
+    image (1 px at 32), as the low-pass radius is: a fixed 4 px would shift a 32-px image by a whole
+    4-px patch, a far stronger augmentation than the recipe means. The simple crop resizes with torchvision's default (bilinear) interpolation, as mmselfsup's
     PixMIM and mmpretrain's MFF configs do: their published numbers come from it.
     """
     if kind == 'rrc':
@@ -659,11 +661,17 @@ def geometry(kind, size, scale=(0.2, 1.0)):
                 transforms.RandomHorizontalFlip()]
     if kind == 'simple':
         return [transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR),
-                transforms.RandomCrop(size, padding=4, padding_mode='reflect'), transforms.RandomHorizontalFlip()]
+                transforms.RandomCrop(size, padding=simple_crop_padding(size), padding_mode='reflect'),
+                transforms.RandomHorizontalFlip()]
     if kind == 'center':
         return [transforms.Resize(eval_resize(size), interpolation=transforms.InterpolationMode.BICUBIC),
                 transforms.CenterCrop(size)]
     raise InputError(f"unknown --crop '{kind}': use 'rrc' or 'simple'")
+
+
+def simple_crop_padding(size):
+    """PixMIM's RandomCrop padding, 4 px at 224, in proportion to the image: round(4 size / 224)."""
+    return int(round(4 * size / 224))
 
 
 def eval_resize(size):
@@ -748,10 +756,11 @@ class ImageView:
         size = self.size
         if self.kind == 'rrc':       # get_params reads only the size: an empty (0, h, w) tensor stands in
             params = transforms.RandomResizedCrop.get_params(torch.empty(0, h, w), self.scale, (3 / 4, 4 / 3))
-        elif self.kind == 'simple':  # RandomCrop.get_params on the resized, 4-px padded image
+        elif self.kind == 'simple':  # RandomCrop.get_params on the resized, padded image
             rw, rh = short_side_resize(w, h, size)
-            i = torch.randint(0, rh + 8 - size + 1, size=(1,)).item()
-            j = torch.randint(0, rw + 8 - size + 1, size=(1,)).item()
+            pad = 2 * simple_crop_padding(size)
+            i = torch.randint(0, rh + pad - size + 1, size=(1,)).item()
+            j = torch.randint(0, rw + pad - size + 1, size=(1,)).item()
             params = (rw, rh, i, j)
         else:
             return short_side_resize(w, h, eval_resize(size)), False
@@ -805,7 +814,8 @@ def crop_resize_flip(img, kind, size, params, flip):
         img = resize(img[:, i:i + h, j:j + w], (size, size), 'bicubic')
     elif kind == 'simple':
         rw, rh, i, j = params
-        img = torch.nn.functional.pad(resize(img, (rh, rw), 'bilinear')[None], (4, 4, 4, 4), mode='reflect')[0]
+        pad = simple_crop_padding(size)
+        img = torch.nn.functional.pad(resize(img, (rh, rw), 'bilinear')[None], (pad,) * 4, mode='reflect')[0]
         img = img[:, i:i + size, j:j + size]
     else:
         rw, rh = params
@@ -920,9 +930,12 @@ def build_dataset(args, split, transform):
         if gpu:
             raise InputError('--gpu_decode decodes JPEG files, and the built-in images are made in memory: '
                              'pass --data_path with JPEGs, or drop --gpu_decode')
-        return SyntheticShapes(args.builtin_size if split == 'train' else max(args.builtin_size // 4, 256),
-                               args.input_size, label=args.builtin_label,
-                               seed=args.seed * 2 + (split != 'train'), transform=transform)
+        # --builtin_val_size / --builtin_seed (add_builtin_eval_args) where a script has them, else today's rule
+        val_size, seed = getattr(args, 'builtin_val_size', None), getattr(args, 'builtin_seed', None)
+        val_size = max(args.builtin_size // 4, 256) if val_size is None else val_size
+        seed = args.seed if seed is None else seed
+        return SyntheticShapes(args.builtin_size if split == 'train' else val_size, args.input_size,
+                               label=args.builtin_label, seed=seed * 2 + (split != 'train'), transform=transform)
     root = os.path.join(args.data_path, split)
     if not os.path.isdir(root):
         raise InputError(f'no {split}/ folder in --data_path {args.data_path}: expected '
@@ -1458,6 +1471,18 @@ def add_common_args(parser):
     add_decode_args(parser)
 
 
+def add_builtin_eval_args(parser):
+    """--builtin_val_size / --builtin_seed of the evaluation scripts (probe.py, finetune.py; build_dataset reads them)."""
+    a = parser.add_argument
+    a('--builtin_val_size', type=int, default=None,
+      help='built-in evaluation images (default: a quarter of --builtin_size, at least 256). The top-1 of n images '
+           'has a standard error of up to 50/sqrt(n) points: 256 images, about 3 points')
+    a('--builtin_seed', type=int, default=None,
+      help='draw the built-in images from seed S (train 2S, val 2S+1) instead of --seed (the default), so runs '
+           'with different --seed (probe seeds, checkpoints of several pre-training seeds) see the very same '
+           'images: paired comparisons')
+
+
 def add_decode_args(parser):
     """--exact_decode / --gpu_decode (common.ImageView); the default is JPEG draft mode on the CPU."""
     a = parser.add_argument
@@ -1472,8 +1497,8 @@ def add_decode_args(parser):
 
 
 # Shared flags that are errors when negative or non-finite (if a script has them; None = left to the script).
-NON_NEGATIVE = ('lr', 'blr', 'min_lr', 'weight_decay', 'warmup_epochs', 'num_workers')
-AT_LEAST_ONE = ('epochs', 'accum_iter', 'save_freq', 'print_freq')
+NON_NEGATIVE = ('lr', 'blr', 'min_lr', 'weight_decay', 'warmup_epochs', 'num_workers', 'builtin_seed')
+AT_LEAST_ONE = ('epochs', 'accum_iter', 'save_freq', 'print_freq', 'builtin_val_size')
 
 
 def check_flags(args):

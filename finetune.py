@@ -31,7 +31,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from torchvision import datasets
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, InputError, LossTracker, accuracy,
+from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, InputError, LossTracker, accuracy, add_builtin_eval_args,
                     add_common_args, autocast, build_dataset, compile_model, init_distributed, load_matching_state, load_rgb,
                     log_epoch, lr_at, make_loader, make_output_dir, no_sync_unless, progress, read_encoder,
                     remove_stale_temp_files, resume, resume_path, run, save_training_state, scale_lr, seed_epoch,
@@ -401,6 +401,7 @@ def get_args_parser():
     a('--eval_path', action='append', default=[], help='also report top-1 on this ImageNet-style folder whose '
       'classes are a subset of the training classes, e.g. ImageNet-A/-R (200 classes); repeatable')
     add_common_args(p)
+    add_builtin_eval_args(p)
     # MAE's recipe; epochs and blr (None) come from the RECIPES row of the encoder's depth (resolve_recipe).
     p.set_defaults(batch_size=32, accum_iter=4, epochs=None, warmup_epochs=5, blr=None, min_lr=1e-6,
                    num_workers=10, save_freq=10, output_dir='./output/finetune')

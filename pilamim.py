@@ -16,12 +16,14 @@ This file needs common.py alone.
 Unlike the public code, the targets stay in the original patch order (its target pass shuffles
 them), and the target encoder starts as a copy of the context encoder (as the paper says).
 Followed from the public code although the paper does not state it: no qkv bias, learned decoder
-position embeddings without a cls position, no norm before the decoder heads, weight decay on
-every parameter (`--wd_rule all`), the per-epoch schedule (`--lr_schedule epoch`). Kept from the
-MAE frame for interoperability: the encoders' fixed sin-cos position table with a cls row and
-LayerNorm eps 1e-6 (timm's ViT). The context encoder keeps the top-level timm names (probe.py
-loads it); the target encoder is under `target_encoder.`, the decoders under `pixel_decoder.` and
-`latent_decoder.`.
+position embeddings (1, 1 + L, D) added to the cls token too, no norm before the decoder heads,
+PyTorch's default init of every Block, the patch conv and the Linear embeds / heads with only the
+cls token, mask tokens and decoder positions set (trunc_normal 0.02; `--init mae` for MAE's xavier),
+weight decay on every parameter (`--wd_rule all`), the per-epoch schedule (`--lr_schedule epoch`).
+Kept from the MAE frame for interoperability: the encoders' fixed sin-cos position table with a
+cls row (theirs is learned, (L, 1, D), no cls position) and LayerNorm eps 1e-6 (timm's ViT). The
+context encoder keeps the top-level timm names (probe.py loads it); the target encoder is under
+`target_encoder.`, the decoders under `pixel_decoder.` and `latent_decoder.`.
 
     python pilamim.py --preset laptop                             # built-in data, CPU, ~5 minutes
     torchrun --nproc_per_node=8 pilamim.py --epochs 800 --data_path /imagenet
@@ -45,30 +47,41 @@ from common import (WD_RULES, Block, InputError, LayerNorm, LossTracker, ViTEnco
 SCRIPT = os.path.basename(__file__)                  # recorded in every checkpoint: analyze.py rebuilds from it
 
 
+def default_init(module):
+    """PyTorch's own init on every layer of `module` (what nn.Module construction does): Linear and Conv2d
+    kaiming-uniform with bound 1/sqrt(fan_in), bias likewise; LayerNorm ones / zeros. The public code
+    leaves its timm Blocks, patchify conv and heads at this; it undoes ViTEncoder's xavier init."""
+    for m in module.modules():
+        if m is not module and hasattr(m, 'reset_parameters'):
+            m.reset_parameters()
+
+
 class Decoder(nn.Module):
     """MAE-style decoder with its own input projection, mask token, position embedding and head.
 
     As in the public code (nothing downstream loads the decoders): a learned position embedding
-    (trunc_normal 0.02) with no cls position, no qkv bias, and no norm before the head (the blocks
-    are pre-norm, so the last block's residual stream goes straight to decoder_pred).
+    (trunc_normal 0.02) for the cls token and the patches, no qkv bias, no norm before the head (the
+    blocks are pre-norm, so the last block's residual stream goes straight to decoder_pred), and
+    PyTorch's default init of the layers (init='mae': MAE's xavier).
     """
 
-    def __init__(self, in_dim, out_dim, grid, dim=384, depth=6, num_heads=12, mlp_ratio=4.):
+    def __init__(self, in_dim, out_dim, grid, dim=384, depth=6, num_heads=12, mlp_ratio=4., init='public'):
         super().__init__()
         self.decoder_embed = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, grid * grid, dim))   # patches only
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, dim))   # cls row first
         self.decoder_blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=False, norm_layer=LayerNorm)
                                              for _ in range(depth)])
         self.decoder_pred = nn.Linear(dim, out_dim)
-        self.apply(init_weights)
-        nn.init.normal_(self.mask_token, std=.02)
+        if init == 'mae':
+            self.apply(init_weights)
+        nn.init.trunc_normal_(self.mask_token, std=.02)
         nn.init.trunc_normal_(self.decoder_pos_embed, std=.02)
 
     def forward(self, x, ids_restore):
         """x (N, 1 + K, D) -> (N, 1 + L, out_dim): cls first, patches in the ORIGINAL order."""
         x = restore_order(self.decoder_embed(x), self.mask_token, ids_restore)   # (N, 1 + L, dim)
-        x = torch.cat([x[:, :1], x[:, 1:] + self.decoder_pos_embed], dim=1)      # cls gets no position
+        x = x + self.decoder_pos_embed                                           # the cls token's too
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(x)
@@ -82,11 +95,16 @@ class PiLaMIM(ViTEncoder):
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  decoder_embed_dim=384, decoder_depth=6, decoder_num_heads=12, mlp_ratio=4.,
-                 norm_pix_loss=False, cls_loss=True, latent_target='raw'):
+                 norm_pix_loss=False, cls_loss=True, latent_target='raw', init='public'):
         # No qkv bias, as the public code (timm's VisionTransformer(qkv_bias=False) and probe.py load it).
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias=False)
         if latent_target not in ('raw', 'layernorm'):
             raise InputError(f"--latent_target '{latent_target}' unknown: use raw or layernorm")
+        if init not in ('public', 'mae'):
+            raise InputError(f"--init '{init}' unknown: use public (the public code's) or mae (MAE's xavier)")
+        if init == 'public':                                             # before the copy below
+            default_init(self)                                           # the sin-cos table is no layer: kept
+            nn.init.trunc_normal_(self.cls_token, std=.02)
         self.norm_pix_loss, self.cls_loss, self.latent_target = norm_pix_loss, cls_loss, latent_target
         # Target encoder: same shape, initialised as a copy, never trained by gradients.
         self.target_encoder = ViTEncoder(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
@@ -94,7 +112,7 @@ class PiLaMIM(ViTEncoder):
         self.target_encoder.load_state_dict(encoder_state_dict(self.state_dict()))
         self.target_encoder.requires_grad_(False)
         grid = img_size // patch_size
-        dec = dict(grid=grid, dim=decoder_embed_dim, depth=decoder_depth, num_heads=decoder_num_heads)
+        dec = dict(grid=grid, dim=decoder_embed_dim, depth=decoder_depth, num_heads=decoder_num_heads, init=init)
         self.pixel_decoder = Decoder(embed_dim, patch_size ** 2 * in_chans, **dec)
         self.latent_decoder = Decoder(embed_dim, embed_dim, **dec)
 
@@ -139,7 +157,7 @@ def build_model(args):
     return PiLaMIM(img_size=args.input_size, **vit_arch(args.model, args.depth),
                    decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
                    decoder_num_heads=args.decoder_num_heads, norm_pix_loss=args.norm_pix_loss,
-                   cls_loss=not args.no_cls_loss, latent_target=args.latent_target)
+                   cls_loss=not args.no_cls_loss, latent_target=args.latent_target, init=args.init)
 
 
 def epoch_lr(epoch, args):
@@ -206,7 +224,7 @@ def resolve_recipe(args):
     return (f'PiLaMIM as the public code: {args.lr_schedule} lr schedule, crop {args.crop}, weight decay '
             f'{args.weight_decay} on the {args.wd_rule} groups (common.param_groups), norm_pix '
             f'{"on" if args.norm_pix_loss else "off"}, cls loss {"off" if args.no_cls_loss else "on"}, '
-            f'latent target {args.latent_target}, EMA {args.ema_momentum} -> {args.ema_end}')
+            f'latent target {args.latent_target}, EMA {args.ema_momentum} -> {args.ema_end}, {args.init} init')
 
 
 def main(args):
@@ -268,6 +286,9 @@ def get_args_parser():
            "per-iteration warmup then cosine (common.lr_at)")
     a('--crop', default='rrc', choices=['rrc', 'simple'],
       help="rrc: RandomResizedCrop(0.2, 1), bicubic (the public code); simple: PixMIM's resize + padded crop")
+    a('--init', default='public', choices=['public', 'mae'],
+      help="public: the public code's PyTorch-default layers, trunc_normal 0.02 tokens and positions; mae: "
+           "MAE's xavier layers (as mae_mff.py), to tell an init effect from a method effect against MAE")
     a('--wd_rule', default='all', choices=WD_RULES,
       help='weight-decay groups (common.param_groups); all = every parameter, as the public code')
     add_common_args(p)

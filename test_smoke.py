@@ -566,16 +566,63 @@ def test_latent_targets_paired_with_the_same_patches():
 
 
 def test_decoder_returns_original_patch_order():
-    model = tiny_pilamim(decoder_depth=0)                                 # decoder = embed + pos + norm + head
+    model = tiny_pilamim(decoder_depth=0)                                 # decoder = embed + pos + head
     dec = model.latent_decoder
     x = torch.randn(2, 1 + 4, 32)
     ids_keep, _, ids_restore = common.random_masking(2, 16, 0.75, 'cpu')
     out = dec(x, ids_restore)                                             # (2, 17, 32)
     for n in range(2):
+        cls = dec.decoder_pred(dec.decoder_embed(x[n, 0]) + dec.decoder_pos_embed[0, 0])    # cls: position row 0
+        assert torch.allclose(out[n, 0], cls, atol=1e-5)
         for k in range(4):
             pos = ids_keep[n, k] + 1
-            ref = dec.decoder_pred(dec.decoder_embed(x[n, k + 1]) + dec.decoder_pos_embed[0, pos - 1])  # no norm
+            ref = dec.decoder_pred(dec.decoder_embed(x[n, k + 1]) + dec.decoder_pos_embed[0, pos])  # no norm
             assert torch.allclose(out[n, pos], ref, atol=1e-5)
+
+
+def test_decoder_gives_the_cls_token_a_position():
+    dec = tiny_pilamim().latent_decoder                                   # one block: attention mixes tokens
+    assert dec.decoder_pos_embed.shape == (1, 17, 32) and dec.decoder_pos_embed.requires_grad
+    assert 0.015 < dec.decoder_pos_embed.std() < 0.025                    # trunc_normal 0.02, cls row included
+    x = torch.randn(2, 1 + 4, 32)
+    _, _, ids_restore = common.random_masking(2, 16, 0.75, 'cpu')
+    with torch.no_grad():
+        out = dec(x, ids_restore)[:, 0]
+        dec.decoder_pos_embed[:, 0] += 1.
+        assert (dec(x, ids_restore)[:, 0] - out).abs().max() > 1e-2     # the cls output reads its position
+
+
+def test_analyze_reads_pilamim_checkpoints_from_before_the_decoder_cls_position():
+    model = tiny_pilamim()
+    with torch.no_grad():
+        for dec in (model.pixel_decoder, model.latent_decoder):
+            dec.decoder_pos_embed[:, 0] = 0.                              # what the old decoders did: no cls position
+    state = model.state_dict()
+    old = {k: v[:, 1:] if k.endswith('decoder_pos_embed') else v for k, v in state.items()}   # (1, L, d) there
+    new = analyze.current_record({'model': old, 'args': {}, 'script': 'pilamim.py'})['model']
+    assert new.keys() == state.keys() and all(torch.equal(new[k], state[k]) for k in state)
+    assert analyze.current_record({'model': state, 'args': {}, 'script': 'pilamim.py'})['model'] is state   # new ones
+
+
+def test_pilamim_init_follows_the_public_code():
+    """PyTorch's default layers (kaiming-uniform, |w| <= 1/sqrt(fan_in), non-zero biases), not MAE's xavier
+    (bound sqrt(6 / (fan_in + fan_out)), larger for every layer picked here; zero biases)."""
+    def layers(m):          # patch conv (fan_in 48, fan_out 32), qkv (fan_out 3 fan_in, no bias), an MLP, the heads
+        return [m.patch_embed.proj, m.blocks[0].attn.qkv, m.blocks[1].mlp.fc1, m.target_encoder.blocks[1].attn.qkv,
+                m.pixel_decoder.decoder_blocks[0].attn.qkv, m.latent_decoder.decoder_embed,
+                m.pixel_decoder.decoder_pred]
+    public, mae = tiny_pilamim(), tiny_pilamim(init='mae')
+    assert importlib.import_module('pilamim').get_args_parser().parse_args([]).init == 'public'
+    for layer in layers(public):
+        w, bound = layer.weight.flatten(1), layer.weight[0].numel() ** -.5
+        assert 0.9 * bound < w.abs().max() <= bound and (layer.bias is None or layer.bias.abs().min() > 0), layer
+    for layer in layers(mae):                                             # the control: xavier fails the bound
+        assert layer.weight.abs().max() > layer.weight[0].numel() ** -.5, layer
+        assert layer.bias is None or isinstance(layer, nn.Conv2d) or not layer.bias.any(), layer  # MAE: conv bias default
+    for model in (public, mae):
+        ctx, tgt = common.encoder_state_dict(model.state_dict()), model.target_encoder.state_dict()
+        assert all(torch.equal(ctx[k], tgt[k]) for k in tgt)             # the target starts as a copy
+        assert torch.equal(model.pos_embed[0], common.sincos_pos_embed_2d(32, 4))   # fixed sin-cos kept
 
 
 def test_no_cls_loss_switch():
@@ -811,6 +858,116 @@ def test_token_cache_that_does_not_fit_is_refused(monkeypatch):
         probe.extract(encoder, loader, 'abmilp', 1, False, torch.device('cpu'))
 
 
+def quick_probe(pretrained, out, *flags):
+    """probe.main on 128 built-in training images and 64 val images, 3 short epochs."""
+    return probe.main(probe_args('--checkpoint', pretrained, '--builtin_size', '128', '--builtin_val_size', '64',
+                                 '--batch_size', '32', '--epochs', '3', '--warmup_epochs', '1', '--output_dir', out,
+                                 *flags))
+
+
+def test_several_pools_share_one_encoder_pass_and_match_single_pool_runs(pretrained, tmp_path, monkeypatch):
+    passes, block_output = [], probe.block_output
+    monkeypatch.setattr(probe, 'block_output', lambda *a: passes.append(1) or block_output(*a))
+    both = quick_probe(pretrained, tmp_path / 'both', '--pool', 'cls,abmilp')
+    assert sorted(both) == ['abmilp', 'cls'] and len(passes) == 4 + 2      # 128 / 32 train + 64 / 32 val batches
+    for pool in ('cls', 'abmilp'):
+        alone = quick_probe(pretrained, tmp_path / pool, '--pool', pool)
+        name = f'probe_{pool}_block1.json'
+        saved, single = (json.load(open(tmp_path / d / name)) for d in ('both', pool))
+        assert saved['top1'] == single['top1'] == alone['top1'] and saved['args']['feature_norm'] == \
+            single['args']['feature_norm'] == ('off' if pool == 'abmilp' else 'on')       # auto, per pool
+        assert [dict(e, epoch_s=0) for e in saved['epochs']] == [dict(e, epoch_s=0) for e in single['epochs']]
+    assert sorted(os.listdir(tmp_path / 'both')) == ['log.jsonl', 'probe_abmilp_block1.json', 'probe_cls_block1.json']
+    knn = quick_probe(pretrained, tmp_path / 'knn', '--knn', '--pool', 'cls,mean', '--feature_norm', 'off')
+    assert knn['mean']['top1'] == quick_probe(pretrained, tmp_path / 'knn1', '--knn', '--pool', 'mean',
+                                              '--feature_norm', 'off')['top1']
+    assert knn['cls']['args']['feature_norm'] == 'off'                  # on/off: every pool
+    for flags, words in ((['--pool', 'cls,cls'], 'names cls twice'), (['--pool', 'cls,max'], "unknown pooling 'max'"),
+                         (['--pool', 'cls,mean', '--aug'], 'one pool per run, or --no_aug'),
+                         (['--knn', '--pool', 'cls,abmilp'], 'cannot learn abmilp attention')):
+        with pytest.raises(InputError, match=words):
+            probe_args('--checkpoint', 'x', *flags)
+
+
+def test_top1_halves_split_the_evaluation_set_in_dataset_order(pretrained, tmp_path, monkeypatch):
+    monkeypatch.setattr(probe, 'LAMBDAS', [1e-1, 1e-2])                 # small lambdas are slow on 102 images
+    assert probe.top1_halves(torch.tensor([1, 1, 0, 0, 0, 1, 1]).bool(), 1) == [pytest.approx(200 / 3), 50.]
+    for flags in ([], ['--knn'], ['--solver', 'lbfgs']):                # 64 val images: halves of 32
+        r = quick_probe(pretrained, tmp_path / '_'.join(flags or ['sgd']), '--pool', 'mean', *flags)
+        saved = json.load(open(next((tmp_path / '_'.join(flags or ['sgd'])).glob('*_mean_block1.json'))))
+        assert saved['top1_halves'] == r['top1_halves'] and len(r['top1_halves']) == 2
+        assert sum(r['top1_halves']) / 2 == pytest.approx(r['top1'], abs=0.01), r   # the SGD log rounds to 0.01
+
+
+def blobs(n, dim=32, spread=1., seed=0):
+    """n features of 4 Gaussian classes (fixed class means of norm about `spread` x sqrt(dim)), shifted and scaled."""
+    means = torch.randn(4, dim, generator=torch.Generator().manual_seed(99))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    return 3 * (spread * means[y] + torch.randn(n, dim, generator=g)) + 5, y   # standardise() undoes the scale
+
+
+def test_lbfgs_probe_reaches_the_minimum_and_is_seed_free(pretrained, tmp_path, monkeypatch):
+    x, y = blobs(512, spread=0.3)
+    xs = probe.standardise(x.double())[0]
+    assert torch.allclose(xs.mean(0), torch.zeros(32, dtype=torch.float64), atol=1e-9)
+    W, b = probe.fit_logreg(xs, y, 4, 1e-3)
+    lbfgs = probe.objective(xs, y, W, b, 1e-3).item()
+    torch.manual_seed(0)                                                 # a reference solved another way
+    W2, b2 = torch.zeros(32, 4, dtype=torch.float64, requires_grad=True), torch.zeros(4, dtype=torch.float64,
+                                                                                        requires_grad=True)
+    opt = torch.optim.Adam([W2, b2], lr=0.05)
+    for _ in range(1500):
+        opt.zero_grad()
+        loss = probe.objective(xs, y, W2, b2, 1e-3)
+        loss.backward()
+        opt.step()
+    assert lbfgs <= probe.objective(xs, y, W2, b2, 1e-3).item() + 1e-8           # of about 0.34
+    separable = probe.logreg_probe(blobs(256, spread=3.), blobs(64, spread=3.), 4)
+    assert separable['top1'] == 100.0 and separable['solver'] == 'lbfgs'
+    # seed-free on a real checkpoint: the probe seed changes nothing when the images are the same
+    monkeypatch.setattr(probe, 'LAMBDAS', [1e-1, 1e-2, 1e-3])            # small lambdas are slow on 102 images
+    runs = [quick_probe(pretrained, tmp_path / str(seed), '--solver', 'lbfgs', '--seed', seed, '--builtin_seed', 0)
+            for seed in (0, 1)]
+    assert runs[0]['top1'] == runs[1]['top1'] and runs[0]['heldout_top1'] == runs[1]['heldout_top1']
+    assert 'epochs' not in runs[0] and runs[0]['top1'] > 25
+    for flags, words in ((['--pool', 'abmilp'], 'trained by SGD'), (['--pool', 'cls,abmilp'], 'trained by SGD'),
+                         (['--aug'], 'add --no_aug')):
+        with pytest.raises(InputError, match=words):
+            probe_args('--checkpoint', 'x', '--solver', 'lbfgs', *flags)
+
+
+def test_lbfgs_lambda_is_the_best_on_the_held_out_split(monkeypatch):
+    # 160 images to fit 64 noisy dimensions: an unregularised fit overfits, a strong L2 generalises
+    train, val = blobs(200, dim=64, spread=0.3, seed=1), blobs(400, dim=64, spread=0.3, seed=2)
+    r = probe.logreg_probe(train, val, 4)
+    heldout = {float(k): v for k, v in r['heldout_top1'].items()}
+    assert sorted(heldout) == sorted(probe.LAMBDAS) and r['lambda'] in heldout
+    assert r['lambda'] == max(k for k, v in heldout.items() if v == max(heldout.values()))   # best; ties: stronger
+    assert heldout[r['lambda']] > heldout[1e-6], heldout
+    monkeypatch.setattr(probe, 'LAMBDAS', [1e-6])                        # no choice: the nearly unregularised fit
+    assert probe.logreg_probe(train, val, 4)['top1'] < r['top1']
+
+
+def test_builtin_seed_and_val_size_fix_the_evaluation_images(tmp_path):
+    base = dict(data_path='', builtin_size=64, input_size=16, builtin_label='shape', gpu_decode=False)
+    old = common.build_dataset(argparse.Namespace(**base, seed=3), 'val', None)       # a script without the flags
+    assert len(old) == 256 and old.seed == 7
+    views = [common.build_dataset(argparse.Namespace(**base, seed=s, builtin_seed=5, builtin_val_size=40), split, None)
+             for s in (0, 1) for split in ('train', 'val')]
+    assert [(len(d), d.seed) for d in views] == [(64, 10), (40, 11)] * 2
+    assert (views[1][7][0].tobytes(), views[1][7][1]) == (views[3][7][0].tobytes(), views[3][7][1])  # same images
+    args = finetune.get_args_parser().parse_args(['--builtin_seed', '2', '--builtin_val_size', '300'])
+    assert (args.builtin_seed, args.builtin_val_size) == (2, 300)        # finetune.py has them too
+
+
+@pytest.mark.parametrize('flags,words', [(['--builtin_val_size', '0'], '--builtin_val_size 0 < 1'),
+                                         (['--builtin_seed', '-1'], '--builtin_seed -1 is negative')])
+def test_bad_builtin_flags_are_one_line_errors(tmp_path, monkeypatch, capsys, flags, words):
+    fails_in_one_line('probe.py', ['--checkpoint', tmp_path / 'none.pth', '--output_dir', tmp_path / 'out', *flags],
+                      monkeypatch, capsys, words)
+
+
 # ---------------------------------------------------------------------------------------------- REFERENCE DEFAULTS (issue 9)
 
 def decayed_names(model, rule):
@@ -868,7 +1025,9 @@ def test_simple_crop_is_bilinear_and_rrc_bicubic():
     simple, rrc = train_transform(32, 'simple').transforms, train_transform(32, 'rrc').transforms
     from torchvision.transforms import InterpolationMode, RandomCrop, RandomResizedCrop, Resize
     assert isinstance(simple[0], Resize) and simple[0].interpolation == InterpolationMode.BILINEAR
-    assert isinstance(simple[1], RandomCrop) and simple[1].padding == 4 and simple[1].padding_mode == 'reflect'
+    assert isinstance(simple[1], RandomCrop) and simple[1].padding == 1 and simple[1].padding_mode == 'reflect'
+    # PixMIM's 4 px at 224, scaled with the image: a shift of at most a quarter of a 4-px patch at 32 px
+    assert [train_transform(n, 'simple').transforms[1].padding for n in (16, 32, 64, 224, 448)] == [0, 1, 1, 4, 8]
     assert isinstance(rrc[0], RandomResizedCrop) and rrc[0].interpolation == InterpolationMode.BICUBIC
     assert rrc[0].scale == (0.2, 1.0)
     with pytest.raises(InputError, match='--crop'):
@@ -913,7 +1072,7 @@ def test_pilamim_follows_the_public_code_and_still_loads_downstream(tmp_path):
     model = tiny_pilamim(img_size=32, embed_dim=64)
     keys = model.state_dict().keys()
     assert not any(k.endswith('qkv.bias') for k in keys) and not any('decoder_norm' in k for k in keys)
-    assert model.pixel_decoder.decoder_pos_embed.shape == (1, 64, 32) and model.pixel_decoder.decoder_pos_embed.requires_grad
+    assert model.pixel_decoder.decoder_pos_embed.shape == (1, 65, 32)                # cls row + 64 patches
     path = str(tmp_path / 'pilamim.pth')
     save_checkpoint({'model': model.state_dict(), 'args': {'model': 'x'}}, path)
     encoder = probe.load_encoder(path, probe_args('--checkpoint', path, '--num_heads', '2'))[0]
@@ -1288,9 +1447,11 @@ probe.resolve_recipe(args)
 linear = [probe.evaluate(head, encoder, (val_x, val_y), 4, args, device, world),     # cached features
           probe.evaluate(head, encoder, loader(val), 4, args, device, world)]        # re-encoded
 probe.train_probe(encoder, (train_x, train_y), (val_x, val_y), 4, args, device, rank, world)  # 3 vs 2 local steps
+probe.LAMBDAS = [1e-1, 1e-2]                                             # small lambdas: slow on 33 images
+lbfgs = probe.logreg_probe((train_x, train_y), (val_x, val_y), 4, world)     # gathered, solved on every rank
 if rank == 0:
-    json.dump({{'knn': knn, 'linear': linear, 'bank_y': bank_y.tolist(), 'bank_x': bank_x.sum().item()}},
-              open(sys.argv[1], 'w'))
+    json.dump({{'knn': knn, 'linear': linear, 'bank_y': bank_y.tolist(), 'bank_x': bank_x.sum().item(),
+               'lbfgs': [lbfgs[k] for k in ('top1', 'top1_halves', 'lambda', 'heldout_top1')]}}, open(sys.argv[1], 'w'))
 import common
 common.close_distributed()                      # else gloo may abort the exit ("terminate called ...")
 '''
@@ -1306,8 +1467,10 @@ def test_evaluation_under_torchrun_counts_every_image_once(tmp_path):
     one, two = json.load(open(tmp_path / 'one.json')), json.load(open(tmp_path / 'two.json'))
     assert one['bank_y'] == two['bank_y'] == [SyntheticShapes(41, 16)[i][1] for i in range(41)]  # dataset order
     assert two['bank_x'] == pytest.approx(one['bank_x'], rel=1e-5)
-    assert one['knn'] == two['knn'] and one['linear'] == two['linear']
+    assert one['knn'] == two['knn'] and one['linear'] == two['linear'] and one['lbfgs'] == two['lbfgs']
     assert one['linear'][0] == one['linear'][1] and round(one['knn'][0] * 27 / 100, 6) % 1 == 0   # hits of 27
+    top1, halves = one['linear'][0][0], one['linear'][0][2]              # halves of 13 and 14 images, in order
+    assert halves[0] * 13 + halves[1] * 14 == pytest.approx(top1 * 27)
 
 
 def children(pid):
@@ -1576,31 +1739,55 @@ def test_finetune_without_checkpoint_is_the_supervised_baseline(tmp_path, capsys
 import reproduce  # noqa: E402
 
 
-def test_reproduce_end_to_end_then_a_rerun_skips_every_finished_step(tmp_path):
-    parts = ['pretrain', 'probe', 'knn'] + (['finetune'] if os.path.exists(os.path.join(ROOT, 'finetune.py')) else []) \
-        + (['frequency', 'fusion'] if os.path.exists(os.path.join(ROOT, 'analyze.py')) else [])
-    flags = ['--scale', 'test', '--only', ','.join(parts + ['mae', 'mff_mae']), '--output_dir', tmp_path]
+def image_folder(root, per_class, size=20):
+    """An ImageNet-style folder of built-in shapes as JPEG files: train/ and val/, one folder per shape."""
+    for split, n in per_class.items():
+        data = SyntheticShapes(4 * n * 3, size, seed=split == 'val')
+        done = {c: 0 for c in data.SHAPES}
+        for i in range(len(data)):
+            img, label = data[i]
+            c = data.SHAPES[label]
+            if done[c] < n:
+                os.makedirs(root / split / c, exist_ok=True)
+                img.save(root / split / c / f'{i}.jpg', quality=95)
+                done[c] += 1
+    return root
+
+
+def test_reproduce_on_an_image_folder_end_to_end_then_a_rerun_skips_every_finished_step(tmp_path):
+    # A folder of a few dozen images per class: every step gets batches that fit it (the probe's
+    # ImageNet recipe would need 16384 images, the low-shot subsets hold 4 images here).
+    data = image_folder(tmp_path / 'shapes', {'train': 12, 'val': 4})
+    analyses = ['entropy', 'frequency', 'hessian', 'fusion', 'reconstruct']
+    parts = ['pretrain', 'probe', 'knn', 'noise', 'finetune', 'lowshot'] + analyses
+    flags = ['--scale', 'test', '--data_path', data, '--only', ','.join(parts + ['mae', 'mff_mae']),
+             '--output_dir', tmp_path / 'out']
     first = cli('reproduce.py', *flags)
-    root = tmp_path / 'test'
+    root = tmp_path / 'out' / 'test_shapes'
     res = json.loads((root / 'results.json').read_text())
     runs = res['runs']
     assert set(runs) == {'mae', 'mff_mae'}                               # --only kept the other methods out
     for m in runs:
-        for metric in ['cls_shape', 'abmilp_shape', 'knn_shape'] + (['finetune'] if 'finetune' in parts else []):
+        for metric in ['cls_data', 'mean_data', 'clsraw_data', 'abmilp_data', 'cls_sgd_data', 'knn_data',
+                       'finetune', 'lowshot_10%', 'lowshot_1%']:
             assert 0 <= runs[m][metric]['0'] <= 100, (m, metric)
-        assert math.isfinite(runs[m]['pretrain_loss']['0'])
+        assert math.isfinite(runs[m]['pretrain_loss']['0']) and 'hf_last' in runs[m] and 'hessian_max' in runs[m]
+        assert set(runs[m]['probe_seed:clsraw_data']) == {'0', '1'}       # the probe-noise runs
+        assert runs[m]['sa_gain_data']['0'] == pytest.approx(runs[m]['abmilp_data']['0'] - runs[m]['clsraw_data']['0'])
     assert 'fusion_w0_gain' in runs['mff_mae'] and 'fusion_w0_gain' not in runs['mae']  # only MFF has weights
-    if 'frequency' in parts:
-        assert 'hf_last' in runs['mae'] and 'hf_last' in runs['mff_mae']
-    claim = next(r for r in res['claims'] if r['claim'].startswith('MFF-MAE > MAE, linear probe'))
-    assert claim['value'] == pytest.approx(runs['mff_mae']['cls_shape']['0'] - runs['mae']['cls_shape']['0'])
+    claim = next(r for r in res['claims'] if r['claim'].startswith('MFF-MAE > MAE, linear probe')
+                 and r['methods'] == ['mff_mae', 'mae'])
+    assert claim['value'] == pytest.approx(runs['mff_mae']['cls_data']['0'] - runs['mae']['cls_data']['0'])
     assert claim['verdict'].startswith('one seed, no SE')                # no verdict from one seed
     md = (root / 'results.md').read_text()
-    assert '| claim | published | measured | ± SE | seeds | verdict |' in md and '| MFF-MAE |' in md
+    assert '| claim | published | measured | ± SE | 2 SE | seeds | verdict |' in md and '| MFF-MAE |' in md
+    assert '## Where the spread comes from' in md
+    lowshot = (root / 'lowshot' / 'mae_s0_1' / 'run.log').read_text()
+    assert 'effective batch 4 (' in lowshot or 'batch 4' in lowshot      # 1 image per class, 4 classes
     ckpt = root / 'pretrain' / 'mae_s0' / 'checkpoint-1.pth'
     assert ckpt.exists() and not (ckpt.parent / 'checkpoint-last.pth').exists()
     n = sum(1 for line in first.stdout.splitlines() if line.startswith('['))  # one line per step run
-    assert n == len([v for v in res['steps'].values() if v['done']]) > 2     # results.json lists the whole study
+    assert n == len([v for v in res['steps'].values() if v['done']]) > 20    # results.json lists the whole study
     assert f'{n} steps: 0 done already (skipped), {n} to run' in first.stdout
 
     before = {p: p.stat().st_mtime_ns for p in root.rglob('*.json') if p.name != 'results.json'}
@@ -1608,22 +1795,27 @@ def test_reproduce_end_to_end_then_a_rerun_skips_every_finished_step(tmp_path):
     assert f'{n} steps: {n} done already (skipped), 0 to run' in second.stdout and '[1/' not in second.stdout
     assert {p: p.stat().st_mtime_ns for p in before} == before and ckpt.stat().st_mtime_ns
     assert json.loads((root / 'results.json').read_text())['runs'] == runs
-    cli('reproduce.py', *flags[:3], 'probe,mae', *flags[4:])            # a narrower rerun keeps every result
+    cli('reproduce.py', *flags[:5], 'probe,mae', *flags[6:])            # a narrower rerun keeps every result
     assert json.loads((root / 'results.json').read_text())['runs'] == runs
 
 
 def test_reproduce_claims_arithmetic():
     cfg = {'tasks': ('shape', 'count')}
     runs = {'mae': {'cls_shape': {0: 50., 1: 52., 2: 54.}, 'cls_count': {0: 60., 1: 60., 2: 60.}},
+            'mae_control': {'cls_shape': {0: 58., 1: 61., 2: 64.}},
             'mff_mae': {'cls_shape': {0: 60., 1: 61., 2: 62.}},
             'pilamim': {'cls_shape': {0: 51., 1: 53., 2: 55.}, 'cls_count': {0: 50., 1: 51., 2: 52.}}}
     rows = {r['claim']: r for r in reproduce.claims(runs, cfg)}
-    mff = rows['MFF-MAE > MAE, linear probe [cls], semantic task']
-    assert mff['value'] == pytest.approx(9.) and mff['se'] == pytest.approx(math.sqrt(4 / 3 + 1 / 3))  # Welch SE
-    assert mff['verdict'] == 'holds' and mff['seeds'] == 3
-    assert rows['PiLaMIM > MAE on the semantic task ([cls] probe)']['verdict'] == 'within noise'   # +1 +- 1.6
+    published = rows[f'MFF-MAE > MAE, linear probe [cls], semantic task ({reproduce.AS_PUBLISHED})']
+    assert published['value'] == pytest.approx(9.) and published['se'] == pytest.approx(math.sqrt(4 / 3 + 1 / 3))
+    assert published['verdict'] == 'holds' and published['seeds'] == 3  # Welch SE over seeds
+    alone = rows[f'MFF-MAE > MAE, linear probe [cls], semantic task ({reproduce.FUSION_ALONE})']
+    assert alone['methods'] == ['mff_mae', 'mae_control'] and alone['value'] == pytest.approx(0.)
+    assert alone['verdict'] == 'within noise: the study is too small to see the published gap'  # 2 SE 3.7 > 1.8
+    assert rows['PiLaMIM > MAE on the semantic task ([cls] probe)']['verdict'] == \
+        'within noise, though the published gap would have shown'       # +1 +- 1.6: 2 SE 3.3 < 8.1
     assert rows['PiLaMIM keeps the low-level task ([cls] probe, count)']['verdict'] == 'does not hold'  # -9 +- 0.6
-    assert rows['PixMIM > MAE, linear probe [cls]']['verdict'] == 'not measured'
+    assert rows[f'PixMIM > MAE, linear probe [cls] ({reproduce.AS_PUBLISHED})']['verdict'] == 'not measured'
     assert reproduce.verdict(-3., 1., 3, '>0') == 'does not hold'
     assert reproduce.verdict(-1., 1., 3, 'not<0') == 'holds (no significant loss)'
     assert reproduce.verdict(0.95, 0.01, 3, '>0.9') == 'holds'
@@ -1632,14 +1824,46 @@ def test_reproduce_claims_arithmetic():
     assert reproduce.verdict(5., None, 1, '<0') == 'one seed, no SE: the sign is against the claim'
 
 
-def test_reproduce_dry_run_and_bad_selection(tmp_path):
+def test_reproduce_noise_decomposition():
+    # over seeds sd 2 (both methods), evaluation sd 1 (halves 2 apart), probe sd 1 on seed 0 -> pre-training sqrt(2)
+    cfg = {'tasks': ('shape',), 'seeds': 3}
+    halves = {0: 1., 1: 1., 2: 1.}                                       # (h1 - h2)^2 / 4 with h1 - h2 = 2
+    runs = {m: {'clsraw_shape': {0: 50., 1: 52., 2: 54.}, 'evalvar:clsraw_shape': halves,
+                'probe_seed:clsraw_shape': {0: 50., 1: 51., 2: 49.}, 'cls_shape': {0: 60., 1: 62., 2: 64.},
+                'evalvar:cls_shape': halves} for m in ('mae', 'mff_mae')}
+    rows = {r['metric']: r for r in reproduce.noise(runs, cfg)}
+    raw = rows['clsraw_shape']
+    assert (raw['total'], raw['evaluation'], raw['probe']) == pytest.approx((2., 1., 1.))
+    assert raw['pretraining'] == pytest.approx(math.sqrt(2.)) and raw['se_difference'] == pytest.approx(2 * math.sqrt(2 / 3))
+    assert rows['cls_shape']['probe'] == 0. and rows['cls_shape']['pretraining'] == pytest.approx(math.sqrt(3.))
+    assert rows['finetune']['total'] is None                             # not measured: no numbers invented
+
+
+def test_reproduce_dry_run_every_command_parses_and_bad_selection(tmp_path):
     proc = cli('reproduce.py', '--dry_run', '--output_dir', tmp_path)  # the default study, printed only
     assert 'python mae_mff.py --model mae_vit_tiny_patch4 --depth 6' in proc.stdout
-    assert re.search(r'python probe.py .*--preset laptop', proc.stdout)  # the evaluations' built-in setting
     assert 'python probe.py' in proc.stdout and 'seed 2' in proc.stdout and not (tmp_path / 'laptop').exists()
+    commands = [line.split(': python ', 1)[1] for line in proc.stdout.splitlines() if ': python ' in line]
+    assert len(commands) > 100
+    parsers = {}
+    for command in commands:                                             # every flag exists in its script
+        script, *argv = shlex.split(command)
+        if script not in parsers:
+            parsers[script] = importlib.import_module(script[:-3]).get_args_parser()
+        args = parsers[script].parse_args(argv)
+        if script == 'probe.py':                                         # paired: the same images for every run
+            assert args.builtin_seed == reproduce.EVAL_SEED
+            assert args.knn or (args.batch_size, args.accum_iter, args.blr) == (256, 1, 30.)  # the laptop recipe
+    assert re.search(r'pretrain mae_control seed 0: .*--mff_layers none --crop simple --wd_rule mmpretrain', proc.stdout)
+    assert re.search(r'pretrain pilamim seed 0: .*--lr_schedule iter', proc.stdout)   # one schedule rule
+    assert re.search(r'--pool cls,mean --solver lbfgs .*--builtin_val_size 4096', proc.stdout)
+    assert re.search(r'--pool cls,abmilp --feature_norm off', proc.stdout)          # raw vs raw
     proc = cli('reproduce.py', '--only', 'probe,bogus', '--output_dir', tmp_path, check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "['bogus']" in lines[0] and 'pretrain' in lines[0]
+    proc = cli('reproduce.py', '--data_path', tmp_path, '--dry_run', '--output_dir', tmp_path, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and 'no train/ folder' in lines[0]
 
 
 # ---------------------------------------------------------------------------------------------- ANALYSIS (analyze.py)
@@ -2012,7 +2236,7 @@ class PublicPiLaMIMEncoder(nn.Module):
 @pytest.fixture(scope='module')
 def released(tmp_path_factory):
     """Small random models and their files in each released format (+ the same weights in our form)."""
-    root, files = tmp_path_factory.mktemp('released'), {}
+    root = tmp_path_factory.mktemp("released")
     torch.manual_seed(0)
     mff = MaskedAutoencoder(**RELEASED, depth=3, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=16,
                             norm_pix_loss=True, mff_layers=(0, 1, 2)).eval()
