@@ -462,7 +462,7 @@ def main(args):
               f'{"re-encoding each batch" if args.aug else f"cached in {time.time() - start:.1f}s"}'
               + (f', effective batch {args.eff_batch} ({args.batch_size} x {args.accum_iter} accum_iter x {world_size} '
                  f'processes), lr {args.lr:.3g}{warmup_note(args)}' if sgd else '')
-              + (', L-BFGS logistic regression, L2 lambda 1e1..1e-6 chosen on 20% of train'
+              + (f', L-BFGS logistic regression, L2 lambda {LAMBDAS[0]:g}..{LAMBDAS[-1]:g} chosen on 20% of train'
                  if not args.knn and not sgd else ''), flush=True)
     results = {pool: probe_one(encoder, train_src[pool], val_src[pool], num_classes, a, device, rank, world_size)
                for pool, a in runs.items()}

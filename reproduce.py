@@ -542,14 +542,15 @@ def noise(runs, cfg):
     total (pooled over methods), evaluation (from the two halves of each evaluation set), probe (the same
     checkpoint probed with other seeds; 0 for the deterministic L-BFGS probe and k-NN), pre-training (the rest)."""
     pooled = lambda variances: math.sqrt(sum(variances) / len(variances)) if variances else None  # noqa: E731
+    sem = cfg['tasks'][0]                        # the L-BFGS probes and k-NN: no probe noise given the features
+    deterministic = {f'{p}_{t}' for t in cfg['tasks'] for p in ('cls', 'mean')} | {f'knn_{sem}'}
     rows = []
     for metric in accuracy_metrics(cfg):
         total = pooled([mean_sd(r[metric].values())[1] ** 2 for r in runs.values()
                         if len(r.get(metric, {})) > 1])
         evaluation = pooled([v for r in runs.values() for v in r.get(f'evalvar:{metric}', {}).values()])
         seeds = [r[f'probe_seed:{metric}'] for r in runs.values() if len(r.get(f'probe_seed:{metric}', {})) > 1]
-        deterministic = metric.startswith(('cls_', 'mean_', 'knn_')) and not metric.startswith('cls_sgd')
-        probe = 0. if deterministic else pooled([mean_sd(v.values())[1] ** 2 for v in seeds])
+        probe = 0. if metric in deterministic else pooled([mean_sd(v.values())[1] ** 2 for v in seeds])
         rest = None if None in (total, evaluation, probe) else \
             math.sqrt(max(0., total ** 2 - evaluation ** 2 - probe ** 2))
         n = cfg['seeds']
