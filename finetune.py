@@ -320,17 +320,21 @@ def fine_tune(args, raw_model, arch, pool, val_set, val_loader, rank, world_size
         seed_epoch(args.seed, epoch, rank)                               # RNGs and data order from (seed, epoch)
         sampler.set_epoch(epoch)
         step, loss = train_one_epoch(model, loader, optimizer, mixup, criterion, device, epoch, step, tracker, args)
-        top1, top5 = evaluate(raw_model, val_loader, device, world_size, len(classes))
-        best = max(best, top1)
+        stats = {'epoch': epoch + 1, 'step': step, 'loss': loss, 'lr': optimizer.param_groups[-1]['lr']}
+        if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:  # the last epoch always: the result
+            top1, top5 = evaluate(raw_model, val_loader, device, world_size, len(classes))
+            best = max(best, top1)
+            stats.update(top1=round(top1, 2), top5=top5 and round(top5, 2))
         tracker.checkpoint = save_training_state(args, raw_model, optimizer, epoch + 1, step, rank, SCRIPT,
                                                  best_top1=best, classes=classes)
-        log_epoch(args, rank, {'epoch': epoch + 1, 'step': step, 'loss': loss, 'lr': optimizer.param_groups[-1]['lr'],
-                               'top1': round(top1, 2), 'top5': top5 and round(top5, 2)})
+        log_epoch(args, rank, stats)
     return dict(train_images=len(train_set), images_per_class=[lo, hi], best_top1=round(best, 2)), top1, top5
 
 
 def main(args):
     """Fine-tune (with --eval: only evaluate), then report top-1 on val/ and on every --eval_path."""
+    if not args.eval_freq >= 1:
+        raise InputError(f'--eval_freq {args.eval_freq} < 1: evaluate every N >= 1 epochs (the last one always)')
     rank, world_size, device = init_distributed()
     make_output_dir(args.output_dir)
     state, arch, ckpt, found = encoder_and_arch(args)
@@ -397,6 +401,8 @@ def get_args_parser():
     a('--train_fraction', type=float, default=None, help='low-shot: fine-tune on this class-stratified fraction '
       'of train/ (0.01, 0.1), chosen from --seed alone')
     a('--subset_file', default='', help="low-shot with SimCLR's 1percent.txt / 10percent.txt (the paper's subsets)")
+    a('--eval_freq', type=int, default=1, help='evaluate on val/ every N epochs and after the last (MAE: every '
+      'epoch); where evaluation costs more than the training epoch, as on a low-shot subset, raise it')
     a('--eval', action='store_true', help='only evaluate the fine-tuned --checkpoint on val/ (and --eval_path)')
     a('--eval_path', action='append', default=[], help='also report top-1 on this ImageNet-style folder whose '
       'classes are a subset of the training classes, e.g. ImageNet-A/-R (200 classes); repeatable')
