@@ -1643,8 +1643,11 @@ def test_short_finetune_improves_and_its_weights_load_into_timm(pretrained, tmp_
                               vit.forward_head(vit.forward_features(imgs), pre_logits=True), atol=1e-5)
 
 
-def test_finetune_resume_after_an_epoch_equals_the_uninterrupted_run(pretrained, tmp_path):
+def test_finetune_resume_after_an_epoch_and_sparse_evaluation_equal_the_uninterrupted_run(pretrained, tmp_path):
     full = finetune_run('--checkpoint', pretrained, '--output_dir', tmp_path / 'full', *FT_CLI)
+    sparse = finetune_run('--checkpoint', pretrained, '--output_dir', tmp_path / 'sparse', *FT_CLI, '--eval_freq', 2)
+    assert ['top1' in r for r in read_log(tmp_path / 'sparse')] == [False, True]   # only after the last epoch
+    assert sparse['top1'] == full['top1']                                # evaluating leaves training as it was
     resumed_dir = tmp_path / 'resumed'
     resumed_dir.mkdir()
     shutil.copy(tmp_path / 'full' / 'checkpoint-1.pth', resumed_dir / 'checkpoint-last.pth')  # "killed" after 1
@@ -1707,6 +1710,7 @@ def shape_folders(tmp_path_factory):
     (['--batch_size', '7'], '--batch_size 7 is odd'),
     (['--batch_size', '1'], '--batch_size 1 is odd'),
     (['--eval'], 'needs a fine-tuned checkpoint'),
+    (['--eval_freq', '0'], '--eval_freq 0 < 1'),
 ])
 def test_finetune_bad_input_is_one_line(pretrained, shape_folders, tmp_path, monkeypatch, capsys, flags, message):
     save_checkpoint({'model': {'head.weight': torch.zeros(2, 2)}}, str(tmp_path / 'no_vit.pth'))
@@ -1768,7 +1772,7 @@ def test_reproduce_on_an_image_folder_end_to_end_then_a_rerun_skips_every_finish
     runs = res['runs']
     assert set(runs) == {'mae', 'mff_mae'}                               # --only kept the other methods out
     for m in runs:
-        for metric in ['cls_data', 'mean_data', 'clsraw_data', 'abmilp_data', 'cls_sgd_data', 'knn_data',
+        for metric in ['cls_data', 'mean_data', 'clsraw_data', 'abmilp_data', 'knn_data',
                        'finetune', 'lowshot_10%', 'lowshot_1%']:
             assert 0 <= runs[m][metric]['0'] <= 100, (m, metric)
         assert math.isfinite(runs[m]['pretrain_loss']['0']) and 'hf_last' in runs[m] and 'hessian_max' in runs[m]
@@ -1784,6 +1788,7 @@ def test_reproduce_on_an_image_folder_end_to_end_then_a_rerun_skips_every_finish
     assert '## Where the spread comes from' in md
     lowshot = (root / 'lowshot' / 'mae_s0_1' / 'run.log').read_text()
     assert 'effective batch 4 (' in lowshot or 'batch 4' in lowshot      # 1 image per class, 4 classes
+    assert set(json.loads((root / 'analysis' / 'frequency_s0' / 'frequency.json').read_text())) == {'mae', 'mff_mae'}
     ckpt = root / 'pretrain' / 'mae_s0' / 'checkpoint-1.pth'
     assert ckpt.exists() and not (ckpt.parent / 'checkpoint-last.pth').exists()
     n = sum(1 for line in first.stdout.splitlines() if line.startswith('['))  # one line per step run
@@ -1797,6 +1802,19 @@ def test_reproduce_on_an_image_folder_end_to_end_then_a_rerun_skips_every_finish
     assert json.loads((root / 'results.json').read_text())['runs'] == runs
     cli('reproduce.py', *flags[:5], 'probe,mae', *flags[6:])            # a narrower rerun keeps every result
     assert json.loads((root / 'results.json').read_text())['runs'] == runs
+
+
+def test_reproduce_an_analysis_is_finished_only_when_it_holds_every_run_it_compares(tmp_path):
+    done = tmp_path / 'frequency.json'
+    step = reproduce.Step('frequency', 'frequency seed 0', [], str(tmp_path), str(done), [], 0.,
+                          [('mae', 0), ('pilamim', 0)], ('mae', 'pilamim'))
+    assert not reproduce.finished(step)
+    done.write_text(json.dumps({'mae': {}}))                             # a study that has since added PiLaMIM
+    assert not reproduce.finished(step)
+    done.write_text(json.dumps({'mae': {}, 'mae_control': {}, 'pilamim': {}}))
+    assert reproduce.finished(step)
+    probe = step._replace(part='probe', key=(('probe_cls_block1.json', 'cls_shape'),))
+    assert reproduce.finished(probe) and not reproduce.finished(probe._replace(done=str(tmp_path / 'none.json')))
 
 
 def test_reproduce_claims_arithmetic():
@@ -1840,11 +1858,17 @@ def test_reproduce_noise_decomposition():
 
 
 def test_reproduce_dry_run_every_command_parses_and_bad_selection(tmp_path):
-    proc = cli('reproduce.py', '--dry_run', '--output_dir', tmp_path)  # the default study, printed only
-    assert 'python mae_mff.py --model mae_vit_tiny_patch4 --depth 6' in proc.stdout
-    assert 'python probe.py' in proc.stdout and 'seed 2' in proc.stdout and not (tmp_path / 'laptop').exists()
+    default = cli('reproduce.py', '--dry_run', '--output_dir', tmp_path).stdout  # printed only
+    assert 'python mae_mff.py --model mae_vit_tiny_patch4 --depth 6' in default and 'pretrain pilamim seed 2' in default
+    assert 'python probe.py' in default and not (tmp_path / 'laptop').exists()
+    assert not re.search('pixmim|finetune.py|--knn', default)        # what 3 seeds cannot decide: --all or --only
+    proc = cli('reproduce.py', '--dry_run', '--all', '--output_dir', tmp_path)
+    assert re.search(r'pretrain mff_pixmim seed 2: ', proc.stdout) and '--knn' in proc.stdout
+    assert re.search(r'lowshot 1% mae seed 0: python finetune.py .*--epochs 30 .*--eval_freq 30 ', proc.stdout)
+    named = cli('reproduce.py', '--dry_run', '--only', 'pretrain,pixmim', '--output_dir', tmp_path).stdout
+    assert named.count('pretrain pixmim seed') == 3 and 'pretrain mae ' not in named
     commands = [line.split(': python ', 1)[1] for line in proc.stdout.splitlines() if ': python ' in line]
-    assert len(commands) > 100
+    assert len(commands) > 120
     parsers = {}
     for command in commands:                                             # every flag exists in its script
         script, *argv = shlex.split(command)
